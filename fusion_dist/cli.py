@@ -1,0 +1,50 @@
+"""The ``fusion-dist`` command: one table from subcommand to the function that runs it.
+
+Each entry is imported only when its command runs, so ``fusion-dist prepare`` never pays for
+importing torch or deepspeed. Every command function takes its own argv (``list[str]``) and
+returns an exit code; ``UserError`` (``ConfigError`` is one) becomes a one-line message and exit 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from fusion_dist.errors import UserError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    # name: ("module:function", one-line help)
+    "synth": ("data_prep.synth:main", "planted-signal synthetic data in the exact MMSA pickle format"),
+    "prepare": ("data_prep.shards:main_prepare", "MMSA pickle or JSONL/CSV manifest -> Arrow shards + manifest"),
+    "verify": ("data_prep.shards:main_verify", "check a shard root's manifest and every checksum"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: fusion-dist COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'fusion-dist COMMAND --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"fusion-dist: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name = COMMANDS[name][0].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(func(rest) or 0)
+    except UserError as exc:
+        print(f"fusion-dist {name}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

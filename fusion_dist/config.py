@@ -1,0 +1,288 @@
+"""Typed run configuration: dataclasses loaded from YAML with ``key=value`` overrides.
+
+Precedence is CLI > file > defaults. Loading is strict: an unknown key or a value of the wrong
+type is a ``ConfigError`` naming the key, the file and the valid keys. OmegaConf structured
+configs do the merging and type checking; this module only shapes the error messages.
+
+Every field is documented where it is declared, so this file is the reference for config keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from fusion_dist.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config that cannot be used; the message names the key, the file and the problem."""
+
+
+@dataclass
+class DataConfig:
+    root: str = MISSING
+    """Shard root written by ``fusion-dist prepare`` (local path or any fsspec URL)."""
+    max_text_tokens: int = 50
+    """Transcripts are truncated to this many tokens (paper: 50 for MOSI/MOSEI, 39 for SIMS)."""
+    verify_checksums: bool = False
+    """Check every shard's sha256 against the manifest before training (always done by ``verify``)."""
+
+
+@dataclass
+class AVEncoderConfig:
+    maxlen: int = 50
+    """Each modality is resampled to this many steps before encoding (SPEC 3.1)."""
+    d_enc: int = 30
+    """Width of each per-modality Transformer encoder."""
+    n_layers: int = 3
+    """Encoder layers per modality."""
+    n_heads: int = 6
+    """Attention heads per encoder layer (must divide d_enc)."""
+    d_av: int = 60
+    """Width of the fused audio-visual token sequence Z."""
+    dropout: float = 0.1
+    """Dropout inside the encoders."""
+    batchnorm: bool = True
+    """BatchNorm over feature channels before the input projection."""
+    init: str = "pretrained+tune"
+    """Fusion curriculum: ``pretrained+tune``, ``pretrained+frozen`` or ``random+tune``."""
+    checkpoint: Optional[str] = None
+    """Stage-1 export directory (``fusion-dist pretrain-av``); required by the ``pretrained+*`` inits."""
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = False
+    """Freeze the MM-block FFW copies and train peft LoRA adapters on them instead."""
+    r: int = 8
+    """LoRA rank (paper: 512 on SmolLM2-1.7B)."""
+    alpha: int = 16
+    """LoRA alpha (paper: 8192 on SmolLM2-1.7B)."""
+    dropout: float = 0.05
+    """LoRA dropout."""
+    target_modules: list[str] = field(default_factory=lambda: ["c_fc", "c_proj", "gate_proj", "up_proj", "down_proj"])
+    """Module names inside the FFW copies that get adapters; at least one must match."""
+
+
+@dataclass
+class AugmentConfig:
+    kind: str = "none"
+    """Text-embedding augmentation at train time: ``seqaug``, ``noise``, ``dropout`` or ``none``."""
+    p_apply: float = 0.25
+    """Probability that a training batch is augmented."""
+    p_perm: float = 0.3
+    """SeqAug: per-channel probability of taking the permuted position's value."""
+    noise_std: float = 0.1
+    """``noise``: standard deviation of the Gaussian added to text embeddings."""
+    dropout: float = 0.1
+    """``dropout``: dropout rate on text embeddings."""
+
+
+@dataclass
+class LossConfig:
+    lambda_av: float = 1.0
+    """Weight of the AV auxiliary head loss (L1)."""
+    lambda_t: float = 1.0
+    """Weight of the text auxiliary head loss (L1)."""
+    lambda_f: float = 1.0
+    """Weight of the fusion-token auxiliary head loss (L1)."""
+    lambda_lm: float = 0.0
+    """Weight of the next-token LM loss on the transcript."""
+    lambda_a: float = 0.5
+    """DMPF: weight of the audio-token auxiliary loss."""
+    lambda_v: float = 0.5
+    """DMPF: weight of the video-token auxiliary loss."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "deepmlf"
+    """``deepmlf`` or ``dmpf``."""
+    backbone: str = MISSING
+    """HF causal LM: a local directory (``fusion-dist make-backbone``) or a hub name."""
+    attn_implementation: str = "auto"
+    """``auto`` (flash_attention_2 -> sdpa -> eager), or one of those names to force it."""
+    mm_layers: list[int] = field(default_factory=list)
+    """0-based decoder-layer indices after which an MM block is inserted (empty = text-only baseline)."""
+    n_fusion: int = 8
+    """DeepMLF: number of learnable fusion tokens."""
+    n_audio: int = 10
+    """DMPF: audio fusion tokens."""
+    n_video: int = 10
+    """DMPF: video fusion tokens."""
+    n_av: int = 12
+    """DMPF: audio-visual fusion tokens."""
+    mask_preset: str = "avseesall"
+    """DMPF group attention mask: ``avseesall``, ``original`` or ``allcausal``."""
+    task_head: str = "selfattn"
+    """DMPF task head: ``selfattn`` over the 7 stream vectors, or the ``concat`` MLP baseline."""
+    gating: str = "sigmoid"
+    """MM-block gates: ``sigmoid`` (paper), ``tanh`` (Flamingo, closed at init) or ``none``."""
+    gate_init: float = 0.0
+    """Initial value of every gate parameter a (sigmoid(0) = 0.5, tanh(0) = 0)."""
+    gca_queries: str = "fusion"
+    """Which tokens query the AV sequence: ``fusion``, ``text+fusion`` or ``text``."""
+    ffw: bool = True
+    """Include the gated FFW copy in every MM block."""
+    cross_attn_heads: int = 16
+    """Heads of the MM-block cross-attention (must divide the LM width)."""
+    head_hidden: int = 64
+    """Hidden width of the task-head MLP."""
+    dropout: float = 0.1
+    """Dropout in MM blocks and heads."""
+    av: AVEncoderConfig = field(default_factory=AVEncoderConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    """Maximum epochs (early stopping may end sooner)."""
+    global_batch_size: int = 32
+    """Samples per optimizer step = micro_batch_size x gradient accumulation x world size."""
+    micro_batch_size: int = 32
+    """Samples per rank per forward pass; accumulation is derived from the global batch."""
+    eval_batch_size: int = 64
+    """Samples per rank per evaluation forward pass."""
+    lr: float = 1e-4
+    """Peak learning rate of the LM-side trainables (fusion tokens, MM blocks, heads)."""
+    av_lr: float = 1e-4
+    """Peak learning rate of the AV encoder(s)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay; never applied to biases, norms, gates or fusion tokens."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    warmup_epochs: float = 1.0
+    """Linear warmup length in epochs, then cosine decay to zero."""
+    grad_clip: float = 1.0
+    """Clip gradients to this global norm (0 disables)."""
+    patience: int = 10
+    """Early stopping: epochs without validation improvement before stopping."""
+    precision: str = "fp32"
+    """``fp32``, ``bf16`` or ``fp16``."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3."""
+    offload_optimizer: bool = False
+    """ZeRO optimizer-state CPU offload (stages 1-3)."""
+    offload_params: bool = False
+    """ZeRO-3 parameter CPU offload."""
+    deepspeed_config: Optional[str] = None
+    """Extra DeepSpeed JSON merged over the generated one (advanced; never needed for the basics)."""
+    checkpoint_every_steps: int = 0
+    """Save a checkpoint every N optimizer steps (0 = only at epoch end)."""
+    keep_last: int = 2
+    """Checkpoints kept besides the best one."""
+    log_every_steps: int = 10
+    """Rank 0 prints one progress line every N optimizer steps."""
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None
+    """MLflow tracking URI; default $MLFLOW_TRACKING_URI, else a sqlite store in the run directory."""
+    experiment: Optional[str] = None
+    """Experiment name; default ``fusion-dist/<dataset>``."""
+    registry_name: Optional[str] = None
+    """Registered model name; default ``<experiment>-<family>`` with the slashes replaced."""
+    enabled: bool = True
+    """Turn MLflow tracking off entirely."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: resolved config, checkpoints, metrics.json, predictions/, export/, local MLflow store."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """One training run per seed; test metrics are reported as mean and std over seeds."""
+    name: Optional[str] = None
+    """Human-readable run name (MLflow parent run); default the run directory's name."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _section_keys(full_key: str) -> list[str]:
+    """Valid keys in the section the bad key points into (all keys when the section is unknown)."""
+    all_keys = list(to_flat_dict(Config()))
+    section = full_key.rsplit(".", 1)[0] + "." if "." in full_key else ""
+    in_section = [k for k in all_keys if k.startswith(section)] if section else []
+    return in_section or all_keys
+
+
+def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = (getattr(exc, "msg", None) or str(exc)).strip().splitlines()[0]
+    if isinstance(exc, ConfigKeyError):
+        return ConfigError(
+            f"{source}: unknown config key '{key}'; valid keys: {', '.join(_section_keys(key))}"
+        )
+    return ConfigError(f"{source}: bad value for config key '{key}': {msg}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, validated against ``Config``."""
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            file_cfg = OmegaConf.load(path)
+        except Exception as exc:  # yaml errors carry line/column; keep them
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        try:
+            merged = OmegaConf.merge(merged, file_cfg)
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, str(path)) from exc
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override '{item}' is not of the form key=value")
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, "command line") from exc
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"{path or 'command line'}: required config key(s) not set: {', '.join(missing)}")
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_flat_dict(cfg: Config) -> dict[str, Any]:
+    """``{"model.n_fusion": 8, ...}``: the form MLflow params and config diffs use."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                out[prefix + f.name] = value
+
+    walk(cfg, "")
+    return out
+
+
+def from_yaml(text: str) -> Config:
+    """Parse a resolved config written by ``to_yaml`` (run directories, exports)."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
