@@ -1,0 +1,1 @@
+"""Training: launcher detection, DeepSpeed engine, the loop, and MMSA metrics."""
