@@ -1,0 +1,178 @@
+"""Read prepared shards: a memory-mapped ``ShardDataset``, a per-rank ``RankSampler`` and a padding ``Collator``.
+
+Shards are opened lazily in each process (so the dataset pickles cheaply into DataLoader workers) with
+``pyarrow.memory_map`` for local files: every rank on a node shares the page cache and no rank copies
+the split into its own memory. For non-local fsspec URLs (``s3://``, ``memory://``) each shard's bytes
+are read once per process instead. Feature dims, max lengths and the label range come from the manifest,
+never from a config.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from data_prep.shards import read_manifest, shard_problem
+from fusion_dist.errors import UserError
+
+__all__ = ["read_manifest", "ShardDataset", "RankSampler", "Collator"]
+
+UNIMODAL = ("label_T", "label_A", "label_V")
+
+
+class _Shard:
+    """Zero-copy numpy views of one shard's columns (one entry per record batch)."""
+
+    def __init__(self, path: str):
+        fs, fs_path = fsspec.core.url_to_fs(path)
+        if isinstance(fs, LocalFileSystem):
+            source = pa.memory_map(fs_path, "r")
+        else:
+            source = pa.BufferReader(fs.cat_file(fs_path))
+        reader = pa.ipc.open_file(source)
+        self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        self.starts = np.cumsum([0] + [b.num_rows for b in self.batches]).tolist()
+
+    def row(self, i: int, dims: dict[str, int]) -> dict:
+        b = bisect.bisect_right(self.starts, i) - 1
+        batch, j = self.batches[b], i - self.starts[b]
+        rec = {"id": batch.column("id")[j].as_py(), "raw_text": batch.column("raw_text")[j].as_py()}
+        for mod in ("audio", "vision"):
+            col = batch.column(mod)
+            lo, hi = col.offsets[j].as_py(), col.offsets[j + 1].as_py()
+            values = col.values.to_numpy(zero_copy_only=True)
+            rec[mod] = values[lo:hi].reshape(-1, dims[mod])
+        for key in ("label", *UNIMODAL):
+            if key in batch.schema.names:
+                rec[key] = float(batch.column(key)[j].as_py())
+        return rec
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """One split of a shard root. ``ds[i]``: dict(id, raw_text, audio (len_a, Da) float32 read-only view,
+    vision (len_v, Dv), label float, and label_T/A/V when the data has them)."""
+
+    def __init__(self, root: str, split: str, verify: bool = False):
+        self.root, self.split = root.rstrip("/"), split
+        self.manifest = read_manifest(root)
+        if split not in self.manifest["splits"]:
+            raise UserError(f"{root}/manifest.json: no split '{split}'; splits: {sorted(self.manifest['splits'])}")
+        self.shard_entries = self.manifest["splits"][split]["shards"]
+        if verify:
+            for entry in self.shard_entries:
+                problem = shard_problem(root, entry)
+                if problem:
+                    raise UserError(problem)
+        self.starts = np.cumsum([0] + [e["rows"] for e in self.shard_entries]).tolist()
+        self.dims = {m: self.manifest["features"][m]["dim"] for m in ("audio", "vision")}
+        self._shards: dict[int, _Shard] = {}
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for split '{self.split}' with {len(self)} rows")
+        k = bisect.bisect_right(self.starts, i) - 1
+        if k not in self._shards:
+            self._shards[k] = _Shard(f"{self.root}/{self.shard_entries[k]['file']}")
+        return self._shards[k].row(i - self.starts[k], self.dims)
+
+    def __getstate__(self) -> dict:
+        # Open maps do not travel to worker processes; each reopens (maps) what it touches.
+        return {**self.__dict__, "_shards": {}}
+
+
+class RankSampler(torch.utils.data.Sampler[int]):
+    """This rank's indices of a split of ``n`` rows.
+
+    ``shuffle=True`` (training): a permutation drawn from ``seed + epoch`` (call ``set_epoch``), split
+    round-robin so ranks are disjoint; every rank gets the same count so ranks step together (the last
+    few indices are repeated from the start of the permutation, or dropped with ``drop_last``).
+    ``shuffle=False`` (evaluation): indices ``rank, rank + world, ...`` -- every index exactly once across
+    ranks, no padding, so counts may differ by one (``drop_last`` truncates to equal counts instead).
+    ``start_at(k)`` skips the first ``k`` indices of the next iteration (mid-epoch resume); later
+    iterations are whole again.
+    """
+
+    def __init__(self, n: int, rank: int, world: int, shuffle: bool, seed: int, drop_last: bool = False):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} not in [0, {world})")
+        self.n, self.rank, self.world = n, rank, world
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def start_at(self, k: int) -> None:
+        self.skip = k
+
+    def indices(self) -> list[int]:
+        """This rank's whole order for the current epoch (ignores ``start_at``)."""
+        if self.shuffle:
+            order = np.random.default_rng(self.seed + self.epoch).permutation(self.n).tolist()
+            per_rank = self.n // self.world if self.drop_last else -(-self.n // self.world)
+            order = (order * (1 + per_rank * self.world // max(1, self.n)))[: per_rank * self.world]
+        else:
+            per_rank = self.n // self.world
+            order = list(range(self.n))[: per_rank * self.world] if self.drop_last else list(range(self.n))
+        return order[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        order, self.skip = self.indices()[self.skip :], 0
+        return iter(order)
+
+    def __len__(self) -> int:
+        return max(0, len(self.indices()) - self.skip)
+
+
+class Collator:
+    """list of samples -> batch dict (the batch contract the models read).
+
+    Audio/vision are zero-padded to the longest sample in the batch, with ``*_lengths`` and boolean
+    ``*_mask`` (True = real frame). A sample with 0 real frames is given one all-zero frame counted as
+    real (length 1, mask True), so attention over it and means over it stay finite. With a HF tokenizer,
+    ``input_ids``/``attention_mask`` are right-padded, truncated to ``max_text_tokens``, and an empty
+    transcript gets one BOS (or EOS) token.
+    """
+
+    def __init__(self, tokenizer=None, max_text_tokens: int = 50):
+        self.tokenizer, self.max_text_tokens = tokenizer, max_text_tokens
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = {"ids": [s["id"] for s in samples], "raw_text": [s["raw_text"] for s in samples]}
+        for mod in ("audio", "vision"):
+            lengths = [max(1, len(s[mod])) for s in samples]
+            dim = samples[0][mod].shape[1]
+            feats = torch.zeros(len(samples), max(lengths), dim, dtype=torch.float32)
+            for i, s in enumerate(samples):
+                feats[i, : len(s[mod])] = torch.from_numpy(np.array(s[mod], dtype=np.float32))
+            lens = torch.tensor(lengths, dtype=torch.int64)
+            batch[mod], batch[f"{mod}_lengths"] = feats, lens
+            batch[f"{mod}_mask"] = torch.arange(max(lengths))[None, :] < lens[:, None]
+        for key in ("label", *UNIMODAL):
+            if key in samples[0]:
+                batch[key] = torch.tensor([s[key] for s in samples], dtype=torch.float32)
+        if self.tokenizer is not None:
+            batch.update(self._tokenize(batch["raw_text"]))
+        return batch
+
+    def _tokenize(self, texts: list[str]) -> dict:
+        tok = self.tokenizer
+        fallback = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        pad = tok.pad_token_id if tok.pad_token_id is not None else fallback
+        ids = [tok(t, truncation=True, max_length=self.max_text_tokens)["input_ids"] or [fallback] for t in texts]
+        width = max(map(len, ids))
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.int64)
+        attention = torch.zeros((len(ids), width), dtype=torch.int64)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
+            attention[i, : len(row)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention}
