@@ -194,6 +194,10 @@ class TrackingConfig:
     """Registered model name; default ``<experiment>-<family>`` with the slashes replaced."""
     enabled: bool = True
     """Turn MLflow tracking off entirely."""
+    timeout_s: float = 5.0
+    """Per-request timeout towards a tracking server; an unreachable server costs at most about this."""
+    retry_every_s: float = 30.0
+    """While the server is unreachable, probe it again at most this often (calls in between only journal)."""
 
 
 @dataclass

@@ -1,0 +1,539 @@
+"""MLflow tracking of training runs: global rank 0 only, and no tracker outage ever loses a run.
+
+Layout in MLflow: one experiment per dataset (``fusion-dist/<dataset>``), a parent run per
+configuration (one run directory) and a nested child run per seed.
+
+Every call is first appended to ``<run_dir>/tracking/journal.jsonl`` and only then sent. What the
+server has acknowledged is recorded in ``<run_dir>/tracking/state.json`` (per tracking URI: the last
+acknowledged record and the MLflow id of each run), so
+
+* an unreachable or dying server costs one bounded request, one warning, and nothing else: training
+  goes on, the journal keeps growing, the server is probed again every ``tracking.retry_every_s``
+  seconds and everything pending is replayed when it answers (and once more at ``end_parent``);
+* ``fusion-dist sync-tracking RUN_DIR`` replays whatever is still pending later, creating the runs
+  that were started offline; replays are idempotent (runs are found again by a journal tag, metrics
+  carry their original step and timestamp, which the SQL store de-duplicates);
+* a requeued or resumed job reopens the same parent and child runs (same run directory -> same ids).
+
+Without a tracking URI (config or ``$MLFLOW_TRACKING_URI``) runs go to ``sqlite:///<run_dir>/mlflow.db``
+with artifacts under ``<run_dir>/mlruns``; view them with ``mlflow ui --backend-store-uri ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import (
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VAL_LENGTH,
+)
+
+from fusion_dist.config import Config
+from fusion_dist.errors import UserError
+
+JOURNAL_TAG = "fusion_dist.journal_key"
+# Error codes of requests the server understood and refused: sending them again cannot help, so the
+# record is skipped (it stays in the journal). Anything else means "server not available right now".
+_REFUSED = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST"}
+# Live metrics are sent in batches: at most this long after they were logged ...
+_FLUSH_EVERY_S = 10.0
+# ... or as soon as this many metric records are pending.
+_FLUSH_RECORDS = 50
+
+
+def _say(msg: str) -> None:
+    print(f"fusion-dist tracking: {msg}", file=sys.stderr, flush=True)
+
+
+def default_uri(run_dir: str | Path) -> str:
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
+def resolve_uri(cfg: Config, run_dir: str | Path) -> str:
+    """Config, then ``$MLFLOW_TRACKING_URI``, then the run directory's own sqlite store."""
+    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(run_dir)
+
+
+def ui_command(uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def bound_http_requests(timeout_s: float) -> None:
+    """Keep a dead server from stalling training: one retry, short timeout (user settings win)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(timeout_s))))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+
+
+def param_value(value: Any) -> str:
+    """MLflow params are strings of bounded length; lists keep their YAML/JSON look."""
+    text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    if len(text) > MAX_PARAM_VAL_LENGTH:
+        text = text[: MAX_PARAM_VAL_LENGTH - 3] + "..."
+    return text
+
+
+def _tag_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= MAX_TAG_VAL_LENGTH else text[: MAX_TAG_VAL_LENGTH - 3] + "..."
+
+
+def environment_tags() -> dict[str, str]:
+    """What the tracker knows by itself: code version, scheduler job, host and library versions."""
+    tags = {"fusion_dist.host": socket.gethostname(), "fusion_dist.python": sys.version.split()[0],
+            "fusion_dist.mlflow": mlflow.__version__}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        tags["fusion_dist.torch"] = torch.__version__
+        if torch.cuda.is_available():
+            tags["fusion_dist.gpus"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    for var, tag in (("SLURM_JOB_ID", "slurm.job_id"), ("SLURM_RESTART_COUNT", "slurm.restart_count")):
+        if os.environ.get(var):
+            tags[tag] = os.environ[var]
+    code_dir = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(code_dir), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=5)
+        if commit.returncode == 0:
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(code_dir), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5)
+            tags["fusion_dist.git_dirty"] = str(bool(dirty.stdout.strip())).lower()
+    except (OSError, subprocess.TimeoutExpired):
+        pass  # no git on this machine: the commit is simply not tagged
+    return tags
+
+
+class Unavailable(Exception):
+    """The tracking backend did not answer; the records stay pending."""
+
+
+class Journal:
+    """Append-only record of every tracking call of one run directory, plus what each URI acknowledged."""
+
+    def __init__(self, tracking_dir: str | Path):
+        self.dir = Path(tracking_dir)
+        self.path = self.dir / "journal.jsonl"
+        self.state_path = self.dir / "state.json"
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def open_for_append(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.last_seq = len(self.records())
+        # A crash mid-write leaves a partial last line; start on a fresh line so it stays isolated.
+        if self.path.is_file() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
+            with self.path.open("a") as f:
+                f.write("\n")
+
+    def append(self, op: str, **fields: Any) -> dict:
+        self.last_seq += 1
+        record = {"seq": self.last_seq, "t": int(time.time() * 1000), "op": op, **fields}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return record
+
+    def records(self, after: int = 0) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the torn tail of an interrupted write
+            if record["seq"] > after:
+                out.append(record)
+        return out
+
+    def state(self) -> dict:
+        if self.state_path.is_file():
+            return json.loads(self.state_path.read_text())
+        return {"journal_id": uuid.uuid4().hex, "targets": {}}
+
+    def save_state(self, state: dict) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, self.state_path)
+
+    def snapshot(self, path: Path, seq: int) -> str:
+        """Copy an artifact as it is now, so a later replay sends what was logged; returns a relative path."""
+        rel = Path("artifacts") / str(seq) / path.name
+        dest = self.dir / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            shutil.copytree(path, dest)
+        else:
+            shutil.copy2(path, dest)
+        return str(rel)
+
+
+class Replayer:
+    """Sends a journal's pending records to one tracking URI, in order, remembering what landed."""
+
+    def __init__(self, journal: Journal, uri: str):
+        self.journal = journal
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.state = journal.state()
+        self.target = self.state["targets"].setdefault(uri, {"acked": 0, "runs": {}, "experiments": {}})
+
+    @property
+    def acked(self) -> int:
+        return self.target["acked"]
+
+    def run_id(self, key: str | None) -> str | None:
+        return self.target["runs"].get(key) if key else None
+
+    def reachable(self, timeout_s: float = 5.0) -> bool:
+        """Cheap liveness probe for servers; other stores are tried directly by ``replay``."""
+        if not self.uri.startswith(("http://", "https://")):
+            return True
+        import requests
+
+        try:
+            return requests.get(self.uri.rstrip("/") + "/health", timeout=timeout_s).ok
+        except requests.RequestException:
+            return False
+
+    def replay(self) -> tuple[int, list[str]]:
+        """Send everything pending; returns (records sent, descriptions of refused records).
+
+        Raises ``Unavailable`` (after saving progress) when the backend stops answering.
+        """
+        pending = self.journal.records(after=self.acked)
+        sent, refused = 0, []
+        i = 0
+        while i < len(pending):
+            group = self._group(pending, i)
+            try:
+                self._send(group)
+            except MlflowException as exc:
+                if exc.error_code not in _REFUSED:
+                    self.journal.save_state(self.state)
+                    raise Unavailable(_short(exc)) from exc
+                refused.append(f"record {group[0]['seq']} ({group[0]['op']}): {_short(exc)}")
+            except Exception as exc:  # connection-level failures surface as many types
+                self.journal.save_state(self.state)
+                raise Unavailable(_short(exc)) from exc
+            self.target["acked"] = group[-1]["seq"]
+            sent += len(group)
+            i += len(group)
+        self.journal.save_state(self.state)
+        return sent, refused
+
+    @staticmethod
+    def _group(records: list[dict], i: int) -> list[dict]:
+        """Consecutive metric records of one run go out as one batch request."""
+        first = records[i]
+        if first["op"] != "metrics":
+            return [first]
+        group, count = [first], len(first["metrics"])
+        for record in records[i + 1:]:
+            if record["op"] != "metrics" or record["run"] != first["run"]:
+                break
+            if count + len(record["metrics"]) > MAX_METRICS_PER_BATCH:
+                break
+            group.append(record)
+            count += len(record["metrics"])
+        return group
+
+    def _send(self, group: list[dict]) -> None:
+        first = group[0]
+        op = first["op"]
+        if op == "open":
+            self._open(first)
+            return
+        run_id = self.run_id(first["run"])
+        if run_id is None:
+            raise MlflowException(f"run '{first['run']}' was never opened", error_code="INVALID_STATE")
+        if op == "metrics":
+            from mlflow.entities import Metric
+
+            metrics = [Metric(k, float(v), r["t"], r["step"]) for r in group for k, v in r["metrics"].items()]
+            self.client.log_batch(run_id, metrics=metrics, synchronous=True)
+        elif op == "params":
+            self._log_params(run_id, first["params"])
+        elif op == "tags":
+            self._set_tags(run_id, first["tags"])
+        elif op == "artifact":
+            local = self.journal.dir / first["snapshot"]
+            if local.is_dir():
+                self.client.log_artifacts(run_id, str(local), first["artifact_path"])
+            else:
+                self.client.log_artifact(run_id, str(local), first["artifact_path"])
+        elif op == "end":
+            self.client.set_terminated(run_id, first["status"], end_time=first["t"])
+        else:
+            raise MlflowException(f"unknown journal operation '{op}'", error_code="BAD_REQUEST")
+
+    def _experiment_id(self, name: str, artifact_location: str | None) -> str:
+        if name in self.target["experiments"]:
+            return self.target["experiments"][name]
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            experiment_id = self.client.create_experiment(name, artifact_location=artifact_location)
+        else:
+            experiment_id = experiment.experiment_id
+            if experiment.lifecycle_stage == "deleted":
+                self.client.restore_experiment(experiment_id)
+        self.target["experiments"][name] = experiment_id
+        return experiment_id
+
+    def _open(self, record: dict) -> None:
+        """Create a run, or reopen the one this key (or the given id) already maps to."""
+        key = record["run"]
+        journal_key = f"{self.state['journal_id']}/{key}"
+        run_id = self.run_id(key) or self._existing(record.get("run_id"))
+        if run_id is None:  # created before, but the acknowledgement was lost?
+            experiment_id = self._experiment_id(record["experiment"], record.get("artifact_location"))
+            found = self.client.search_runs([experiment_id], f"tags.`{JOURNAL_TAG}` = '{journal_key}'",
+                                            max_results=1)
+            run_id = found[0].info.run_id if found else None
+        tags = {**record["tags"], JOURNAL_TAG: journal_key}
+        parent_id = self.run_id(record.get("parent"))
+        if parent_id:
+            tags["mlflow.parentRunId"] = parent_id
+        if run_id is None:
+            experiment_id = self._experiment_id(record["experiment"], record.get("artifact_location"))
+            run = self.client.create_run(experiment_id, start_time=record["t"], run_name=record["name"],
+                                         tags={k: _tag_value(v) for k, v in tags.items()})
+            run_id = run.info.run_id
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+            self._set_tags(run_id, tags)
+        self.target["runs"][key] = run_id
+
+    def _existing(self, run_id: str | None) -> str | None:
+        """A run id handed over by the trainer (checkpoint state), if this server knows it."""
+        if run_id is None:
+            return None
+        try:
+            return self.client.get_run(run_id).info.run_id
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        """Params are immutable in MLflow: a resumed run with a changed value records it as a tag."""
+        existing = self.client.get_run(run_id).data.params
+        new = {k: v for k, v in params.items() if k not in existing}
+        changed = {f"changed_param.{k}": v for k, v in params.items() if k in existing and existing[k] != v}
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in new.items()]
+        for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, params=items[start:start + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
+        if changed:
+            self._set_tags(run_id, changed)
+
+    def _set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, _tag_value(v)) for k, v in tags.items()]
+        for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, tags=items[start:start + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class Tracker:
+    """The trainer's view of MLflow (see the module docstring); every method is a no-op off rank 0.
+
+    No method ever raises because of the tracking backend: failures are warned about once per outage
+    and the calls stay in the journal until they are acknowledged.
+    """
+
+    def __init__(self, cfg: Config, run_dir: str | Path, rank: int, dataset: str):
+        self.parent_run_id: str | None = None
+        self.child_run_id: str | None = None
+        self.active = rank == 0 and cfg.tracking.enabled
+        if not self.active:
+            return
+        self.run_dir = Path(run_dir).resolve()
+        self.uri = resolve_uri(cfg, self.run_dir)
+        self.embedded = self.uri == default_uri(self.run_dir)
+        self.experiment = cfg.tracking.experiment or f"fusion-dist/{dataset}"
+        self.run_name = cfg.run.name or self.run_dir.name
+        self.timeout_s = cfg.tracking.timeout_s
+        self.retry_every_s = cfg.tracking.retry_every_s
+        bound_http_requests(cfg.tracking.timeout_s)
+        self.journal = Journal(self.run_dir / "tracking")
+        self.journal.open_for_append()
+        self.replayer = Replayer(self.journal, self.uri)
+        self.journal.save_state(self.replayer.state)  # records the URI, so sync-tracking knows it
+        self._current: str | None = None  # journal key of the run that log_* calls go to
+        self._parent_open = False
+        self._outage: str | None = None  # reason, while the backend is unavailable
+        self._next_probe = 0.0
+        self._last_flush = time.monotonic()
+
+    # -- the trainer's API -------------------------------------------------------------------------
+
+    def start_parent(self, params: dict, tags: dict) -> str | None:
+        if not self.active:
+            return None
+        if self.embedded:
+            _say(f"runs are stored in {self.uri}; view them with: {ui_command(self.uri)}")
+        artifact_location = (self.run_dir / "mlruns").as_uri() if self.embedded else None
+        self._open("parent", None, self.run_name, {**environment_tags(), **tags}, artifact_location)
+        self._parent_open = True
+        self._record("params", run="parent", params={k: param_value(v) for k, v in params.items()})
+        self.parent_run_id = self.replayer.run_id("parent")
+        return self.parent_run_id
+
+    def start_child(self, seed: int, run_id: str | None = None) -> str | None:
+        if not self.active:
+            return None
+        key = f"seed-{seed}"
+        parent = "parent" if self._parent_open else None
+        self._open(key, parent, f"seed-{seed}", {"fusion_dist.seed": seed, **environment_tags()}, None, run_id)
+        self.child_run_id = self.replayer.run_id(key) or run_id
+        return self.child_run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.active or not metrics or self._current is None:
+            return
+        values = {k: float(v) for k, v in metrics.items()}
+        self._record("metrics", run=self._current, step=int(step), metrics=values, flush=False)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.active or self._current is None:
+            return
+        path = Path(path)
+        if not path.exists():
+            _say(f"warning: artifact {path} does not exist; not logged")
+            return
+        seq = self.journal.last_seq + 1
+        snapshot = self.journal.snapshot(path, seq)
+        self._record("artifact", run=self._current, snapshot=snapshot, artifact_path=artifact_path)
+
+    def end_child(self, metrics: dict[str, float] | None = None, status: str = "FINISHED") -> None:
+        if not self.active or self._current in (None, "parent"):
+            return
+        self._end(metrics, status)
+        self._current = "parent" if self._parent_open else None
+        self.child_run_id = None
+
+    def end_parent(self, metrics: dict[str, float] | None = None, status: str = "FINISHED") -> None:
+        if not self.active or not self._parent_open:
+            return
+        self._current = "parent"
+        self._end(metrics, status)
+        self._current = None
+        self._next_probe = 0.0  # last chance to deliver: probe now, whatever the schedule
+        self._flush(force=True)
+        pending = self.journal.last_seq - self.replayer.acked
+        if pending:
+            _say(f"{pending} tracking records are still not on {self.uri}; they are kept in "
+                 f"{self.journal.path}; send them later with: fusion-dist sync-tracking {self.run_dir}")
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    def _open(self, key: str, parent: str | None, name: str, tags: dict, artifact_location: str | None,
+              run_id: str | None = None) -> None:
+        self._record("open", run=key, parent=parent, name=name, experiment=self.experiment,
+                              tags={k: str(v) for k, v in tags.items()}, artifact_location=artifact_location,
+                              run_id=run_id)
+        self._current = key
+
+    def _end(self, metrics: dict[str, float] | None, status: str) -> None:
+        if metrics:
+            self._record("metrics", run=self._current, step=0, metrics={k: float(v) for k, v in metrics.items()})
+        self._record("end", run=self._current, status=status)
+
+    def _record(self, op: str, flush: bool = True, **fields: Any) -> dict:
+        record = self.journal.append(op, **fields)
+        self._flush(force=flush)
+        return record
+
+    def _flush(self, force: bool) -> None:
+        now = time.monotonic()
+        if self._outage is not None:
+            if now < self._next_probe:
+                return
+            self._next_probe = now + self.retry_every_s
+            if not self.replayer.reachable(self.timeout_s):
+                return
+        elif not force:
+            pending = self.journal.last_seq - self.replayer.acked
+            if pending < _FLUSH_RECORDS and now - self._last_flush < _FLUSH_EVERY_S:
+                return
+        self._last_flush = now
+        try:
+            sent, refused = self.replayer.replay()
+        except Unavailable as exc:
+            if self._outage is None:
+                self._outage = str(exc)
+                self._next_probe = time.monotonic() + self.retry_every_s
+                _say(f"warning: MLflow at {self.uri} is unavailable ({exc}). Training continues; every "
+                     f"tracking call is kept in {self.journal.path} and replayed when the server answers "
+                     f"(checked every {self.retry_every_s:g}s), at the end of the run, or with: "
+                     f"fusion-dist sync-tracking {self.run_dir}")
+            return
+        if refused:
+            _say(f"warning: MLflow refused {len(refused)} tracking record(s), first: {refused[0]}; "
+                 f"they stay in {self.journal.path}")
+        if self._outage is not None:
+            self._outage = None
+            _say(f"MLflow at {self.uri} is back; replayed {sent} pending tracking records")
+
+
+def sync(run_dir: str | Path, uri: str | None = None) -> tuple[str, int, dict[str, str]]:
+    """Replay a run directory's pending tracking records; returns (uri, records sent, key -> run id)."""
+    run_dir = Path(run_dir)
+    journal = Journal(run_dir / "tracking")
+    if not journal.exists():
+        raise UserError(f"{journal.path}: no tracking journal (is {run_dir} a run directory?)")
+    state = journal.state()
+    if uri is None:
+        targets = list(state["targets"])
+        if len(targets) != 1:
+            raise UserError(f"{journal.state_path}: {len(targets)} tracking URIs recorded ({', '.join(targets)}); "
+                            "choose one with --uri")
+        uri = targets[0]
+    bound_http_requests(5.0)
+    replayer = Replayer(journal, uri)
+    try:
+        sent, refused = replayer.replay()
+    except Unavailable as exc:
+        raise UserError(f"{uri}: tracking server unavailable ({exc}); nothing was lost, run again later") from exc
+    for line in refused:
+        _say(f"warning: MLflow refused {line}")
+    return uri, sent, dict(replayer.target["runs"])
+
+
+def main_sync(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="fusion-dist sync-tracking",
+                                     description="Send a run directory's pending MLflow records (idempotent).")
+    parser.add_argument("run_dir")
+    parser.add_argument("--uri", help="tracking URI (default: the one the run used)")
+    args = parser.parse_args(argv)
+    uri, sent, runs = sync(args.run_dir, args.uri)
+    print(f"synced {sent} records to {uri}")
+    for key, run_id in runs.items():
+        print(f"  {key}: {run_id}")
+    return 0
