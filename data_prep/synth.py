@@ -18,10 +18,11 @@ Generative model (all draws from ``numpy.random.default_rng(seed)``, so a seed f
   a fixed random unit direction per modality; ``m_score = mean over the true frames (after -inf -> 0) . u_m``
   (so the score is an exact function of what the reader sees).
 - ``av_score = (audio_score + vision_score) / 2``;
-  ``y = 0.45 text + 0.2 audio + 0.2 vision + 0.5 text * av_score + N(0, 0.05)``, times R / 1.2, clipped to
+  ``y = 0.45 text + 0.1 audio + 0.1 vision + 1.0 |text| * av_score + N(0, 0.05)``, times R / 1.2, clipped to
   [-R, R] and rounded to MMSA's label grid (R = 3 and steps of 0.2 / 1/3 for MOSI / MOSEI; R = 1 and steps of
   0.2 for SIMS, whose unimodal labels are the clipped R * text / audio / vision scores). The interaction
-  term needs text and AV together, so a model that fuses all modalities beats unimodal ones.
+  term (AV counts more when the words carry sentiment) needs text and AV together, so a model that fuses
+  all modalities beats unimodal ones; y is odd in (text, audio, vision), so labels are symmetric around 0.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ POSITIVE = ["good", "great", "love", "excellent", "happy", "best", "wonderful", 
 NEGATIVE = ["bad", "terrible", "hate", "awful", "boring", "worst", "sad", "disappointing"]
 FILLER = ["the", "movie", "was", "i", "it", "and", "really", "just", "a", "story", "actor", "think", "kind",
           "of", "plot", "scene", "um", "so", "this", "that", "with", "then", "he", "she"]
-WEIGHTS = {"text": 0.45, "audio": 0.2, "vision": 0.2, "interaction": 0.5}
+WEIGHTS = {"text": 0.45, "audio": 0.1, "vision": 0.1, "interaction": 1.0}
 INF_RATE = 0.002  # fraction of real audio values set to -inf
 
 
@@ -92,7 +93,7 @@ def make_split(rng, dataset: str, n: int, split: str, text_dim: int, directions)
         vision[i], scores[i, 2] = _frames(rng, v_len[i], lv, dv, directions[1], with_inf=False)
     t, a, v = scores.T
     y = (WEIGHTS["text"] * t + WEIGHTS["audio"] * a + WEIGHTS["vision"] * v
-         + WEIGHTS["interaction"] * t * (a + v) / 2 + rng.normal(0, 0.05, n))
+         + WEIGHTS["interaction"] * np.abs(t) * (a + v) / 2 + rng.normal(0, 0.05, n))
 
     def to_label(x):
         return (np.round(np.clip(x * r / 1.2, -r, r) / step) * step + 0.0).astype(np.float32)  # + 0.0: no -0.0

@@ -64,7 +64,7 @@ def test_planted_signal_needs_text_and_av():
     av = np.column_stack([mean_frames("audio"), mean_frames("vision")])
     r2_text, r2_av = _r2(text[:, None], y), _r2(av, y)
     r2_additive = _r2(np.column_stack([text, av]), y)
-    r2_all = _r2(np.column_stack([text, av, text[:, None] * av]), y)
+    r2_all = _r2(np.column_stack([text, av, np.abs(text)[:, None] * av]), y)
     assert r2_text > 0.3 and r2_av > 0.05
-    assert r2_all > r2_additive + 0.05  # the text x AV interaction carries signal of its own
-    assert r2_all > r2_text + 0.1 and r2_all > r2_av + 0.3 and r2_all > 0.8
+    assert r2_all > r2_additive + 0.04  # the text x AV interaction carries signal of its own
+    assert r2_all > r2_text + 0.3 and r2_all > r2_av + 0.3 and r2_all > 0.95
