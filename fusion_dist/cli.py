@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("data_prep.synth:main", "planted-signal synthetic data in the exact MMSA pickle format"),
     "prepare": ("data_prep.shards:main_prepare", "MMSA pickle or JSONL/CSV manifest -> Arrow shards + manifest"),
     "verify": ("data_prep.shards:main_verify", "check a shard root's manifest and every checksum"),
+    "make-backbone": ("fusion_dist.models.backbone:main_make_backbone", "a local HF LM dir (config, tokenizer, random weights) from a preset"),
+    "params": ("fusion_dist.params:main", "trainable / frozen parameter table per MM block, built on the meta device"),
     "sync-tracking": ("fusion_dist.tracking:main_sync", "send a run directory's pending MLflow records (idempotent)"),
 }
 

@@ -1,0 +1,168 @@
+"""Audio-visual encoder (SPEC 3.1), its stage-1 pretrainer, and the export it is saved to and loaded from.
+
+Per modality: length-aware resampling to ``maxlen`` steps -> BatchNorm over channels (real steps only)
+-> bias-free Linear x sqrt(d_enc) -> sinusoidal positions -> dropout -> pre-norm Transformer encoder.
+The modalities are fused per time step (concat on channels -> Linear -> LayerNorm) into Z (B, maxlen, d_av).
+
+Resampling: output step j averages the real frames in [floor(j L / M), floor((j+1) L / M)) (at least one
+frame), so every sample of any true length L >= 1 covers its whole clip in exactly M steps and frames past
+L never count. A modality with no real frame (L = 0) gives an all-padding row, masked everywhere after.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusion_dist.config import AVEncoderConfig, from_yaml, to_yaml
+from fusion_dist.errors import UserError
+from fusion_dist.models.heads import ModelOutput, regression_head
+
+MODALITIES = ("audio", "vision")
+
+
+def resample(x: torch.Tensor, lengths: torch.Tensor, maxlen: int) -> torch.Tensor:
+    """(B, L, D) padded frames -> (B, maxlen, D): mean over each step's share of the real frames."""
+    B, L, _ = x.shape
+    steps = torch.arange(maxlen, device=x.device)
+    lengths = lengths.to(x.device).clamp(max=L)
+    start = (steps[None] * lengths[:, None]) // maxlen  # (B, M)
+    end = torch.maximum(((steps[None] + 1) * lengths[:, None]) // maxlen, start + 1)
+    end = torch.minimum(end, lengths[:, None])
+    t = torch.arange(L, device=x.device)
+    weight = ((t[None, None] >= start[..., None]) & (t[None, None] < end[..., None])).to(x.dtype)  # (B, M, L)
+    weight = weight / weight.sum(-1, keepdim=True).clamp(min=1)
+    return weight @ x
+
+
+def sinusoidal_positions(n: int, d: int, device=None) -> torch.Tensor:
+    pos = torch.arange(n, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, d, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / d))
+    pe = torch.zeros(n, d, device=device)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq)[:, : d // 2]
+    return pe
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over dim 1 of the rows where ``mask`` is True (zeros for a row with none)."""
+    m = mask.to(x.dtype)[..., None]
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+class ModalityEncoder(nn.Module):
+    """One modality's frames -> (B, maxlen, d_enc) states."""
+
+    def __init__(self, in_dim: int, cfg: AVEncoderConfig):
+        super().__init__()
+        self.maxlen, self.d_enc = cfg.maxlen, cfg.d_enc
+        self.norm_in = nn.BatchNorm1d(in_dim) if cfg.batchnorm else None
+        self.proj = nn.Linear(in_dim, cfg.d_enc, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+        layer = nn.TransformerEncoderLayer(
+            cfg.d_enc, cfg.n_heads, 4 * cfg.d_enc, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(
+            layer, cfg.n_layers, norm=nn.LayerNorm(cfg.d_enc), enable_nested_tensor=False
+        )
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = resample(x, lengths, self.maxlen)
+        mask = (lengths > 0).to(x.device)[:, None].expand(-1, self.maxlen)  # True = real step
+        if self.norm_in is not None:  # statistics over real steps only
+            x = x.masked_scatter(mask[..., None], self.norm_in(x[mask]))
+        x = self.proj(x) * math.sqrt(self.d_enc)
+        x = self.dropout(x + sinusoidal_positions(self.maxlen, self.d_enc, x.device).to(x.dtype))
+        # A sample with no real frame attends to its (zero) steps rather than to nothing, which would be NaN.
+        key_padding = ~mask & mask.any(1, keepdim=True)
+        x = self.encoder(x, src_key_padding_mask=key_padding)
+        return x * mask[..., None].to(x.dtype), mask
+
+
+class AVEncoder(nn.Module):
+    """Encoders for the given modalities fused per time step into Z (B, maxlen, d_av).
+
+    With both modalities this is the bimodal AV encoder of SPEC 3.1; DMPF also uses it with one
+    modality as its audio-only and video-only encoders.
+    """
+
+    def __init__(self, dims: dict[str, int], cfg: AVEncoderConfig):
+        super().__init__()
+        if cfg.d_enc % cfg.n_heads:
+            raise UserError(f"model.av.n_heads: {cfg.n_heads} does not divide model.av.d_enc={cfg.d_enc}")
+        self.dims = dict(dims)
+        self.d_av = cfg.d_av
+        self.encoders = nn.ModuleDict({m: ModalityEncoder(d, cfg) for m, d in dims.items()})
+        self.fuse = nn.Linear(len(dims) * cfg.d_enc, cfg.d_av)
+        self.norm = nn.LayerNorm(cfg.d_av)
+
+    def forward(self, batch: dict, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> Z (B, maxlen, d_av), mask (B, maxlen) True = real step."""
+        states, masks = [], []
+        for m, enc in self.encoders.items():
+            s, mask = enc(batch[m].to(dtype), batch[f"{m}_lengths"])
+            states.append(s)
+            masks.append(mask)
+        mask = torch.stack(masks).any(0)
+        return self.norm(self.fuse(torch.cat(states, -1))), mask
+
+
+class AVPretrainer(nn.Module):
+    """Stage 1 ("bienc"): the AV encoder alone with a regression head, L1 on the sentiment label."""
+
+    def __init__(self, av_encoder: AVEncoder, head_hidden: int, dropout: float):
+        super().__init__()
+        self.av_encoder = av_encoder
+        self.head = regression_head(av_encoder.d_av, head_hidden, dropout)
+
+    def forward(self, batch: dict) -> ModelOutput:
+        z, mask = self.av_encoder(batch, self.head[0].weight.dtype)
+        prediction = self.head(masked_mean(z, mask)).squeeze(-1)
+        loss = F.l1_loss(prediction.float(), batch["label"].float())
+        return ModelOutput(prediction=prediction, loss=loss, losses={"task": loss.detach()})
+
+
+def build_av_pretrainer(av_cfg: AVEncoderConfig, audio_dim: int, vision_dim: int, head_hidden: int = 64,
+                        dropout: float = 0.1) -> AVPretrainer:
+    return AVPretrainer(AVEncoder({"audio": audio_dim, "vision": vision_dim}, av_cfg), head_hidden, dropout)
+
+
+# --------------------------------------------------------------------------- stage-1 export
+
+ENCODER_FILE = "av_encoder.safetensors"
+CONFIG_FILE = "config.yaml"
+
+
+def save_av_encoder(encoder: AVEncoder, directory: str | Path, cfg) -> Path:
+    """Write ``av_encoder.safetensors`` (feature dims in its metadata) + ``config.yaml`` (the full ``Config``)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    metadata = {f"{m}_dim": str(d) for m, d in encoder.dims.items()}
+    save_file(state, str(directory / ENCODER_FILE), metadata=metadata)
+    (directory / CONFIG_FILE).write_text(to_yaml(cfg))
+    return directory
+
+
+def load_av_encoder(directory: str | Path) -> AVEncoder:
+    """Rebuild the encoder a stage-1 export holds (its own ``model.av`` config and feature dims)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    weights, config = directory / ENCODER_FILE, directory / CONFIG_FILE
+    for f in (weights, config):
+        if not f.is_file():
+            raise UserError(f"model.av.checkpoint: {directory} has no {f.name} (export of 'fusion-dist pretrain-av')")
+    with safe_open(str(weights), "pt") as fh:
+        metadata = fh.metadata() or {}
+    dims = {m: int(metadata[f"{m}_dim"]) for m in MODALITIES if f"{m}_dim" in metadata}
+    encoder = AVEncoder(dims, from_yaml(config.read_text()).model.av)
+    encoder.load_state_dict(load_file(str(weights)))
+    return encoder

@@ -1,0 +1,143 @@
+"""Build a model from its config: validate, load (or, on ``meta``, only shape) the backbone, wire the
+fusion curriculum of the AV encoder, and count parameters.
+
+Feature dims always come from the data (``audio_dim``/``vision_dim`` from the shard manifest), never
+from the config; a stage-1 AV checkpoint with other dims is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from fusion_dist.config import AVEncoderConfig, ConfigError, ModelConfig
+from fusion_dist.errors import UserError
+from fusion_dist.models.av_encoder import load_av_encoder
+from fusion_dist.models.backbone import (
+    backbone_on_meta, choose_attn_implementation, load_backbone, load_backbone_config, load_tokenizer,
+)
+from fusion_dist.models.deepmlf import DeepMLF
+from fusion_dist.models.dmpf import DMPF, MASK_PRESETS, TASK_HEADS
+from fusion_dist.models.fusion_lm import FusionLM
+
+log = logging.getLogger(__name__)
+
+FAMILIES = {"deepmlf": DeepMLF, "dmpf": DMPF}
+AV_INITS = ("pretrained+tune", "pretrained+frozen", "random+tune")
+GCA_QUERIES = ("fusion", "text+fusion", "text")
+
+
+def validate(cfg: ModelConfig, num_layers: int, hidden_size: int) -> None:
+    """Config errors that need the backbone's shape; each names its key."""
+    if cfg.family not in FAMILIES:
+        raise ConfigError(f"model.family: unknown family '{cfg.family}'; choose {', '.join(FAMILIES)}")
+    bad = [i for i in cfg.mm_layers if not 0 <= i < num_layers]
+    if bad:
+        raise ConfigError(
+            f"model.mm_layers: {bad} out of range for a {num_layers}-layer backbone (0-based, 0..{num_layers - 1})"
+        )
+    if len(set(cfg.mm_layers)) != len(cfg.mm_layers):
+        raise ConfigError(f"model.mm_layers: {list(cfg.mm_layers)} lists a layer twice")
+    if cfg.family == "deepmlf" and cfg.n_fusion <= 0:
+        raise ConfigError(f"model.n_fusion: must be > 0, got {cfg.n_fusion}")
+    if cfg.family == "dmpf":
+        for key in ("n_audio", "n_video", "n_av"):
+            if getattr(cfg, key) <= 0:
+                raise ConfigError(f"model.{key}: DMPF group sizes must be > 0, got {getattr(cfg, key)}")
+        if cfg.mask_preset not in MASK_PRESETS:
+            raise ConfigError(f"model.mask_preset: unknown preset '{cfg.mask_preset}'; choose {', '.join(MASK_PRESETS)}")
+        if cfg.task_head not in TASK_HEADS:
+            raise ConfigError(f"model.task_head: unknown head '{cfg.task_head}'; choose {', '.join(TASK_HEADS)}")
+        if cfg.gca_queries != "fusion":
+            raise ConfigError("model.gca_queries: DMPF's groups always query their own encoder; leave it 'fusion'")
+    if cfg.gca_queries not in GCA_QUERIES:
+        raise ConfigError(f"model.gca_queries: unknown '{cfg.gca_queries}'; choose {', '.join(GCA_QUERIES)}")
+    if hidden_size % cfg.cross_attn_heads:
+        raise ConfigError(f"model.cross_attn_heads: {cfg.cross_attn_heads} does not divide the LM width {hidden_size}")
+    if cfg.av.init not in AV_INITS:
+        raise ConfigError(f"model.av.init: unknown '{cfg.av.init}'; choose {', '.join(AV_INITS)}")
+    if cfg.av.init.startswith("pretrained") and not cfg.av.checkpoint:
+        raise ConfigError(
+            f"model.av.checkpoint: model.av.init={cfg.av.init} needs a stage-1 export directory "
+            "(fusion-dist pretrain-av), or set model.av.init=random+tune"
+        )
+
+
+def build_model(model_cfg: ModelConfig, audio_dim: int, vision_dim: int, *, meta: bool = False) -> FusionLM:
+    """DeepMLF or DMPF per ``model_cfg.family``; ``meta=True`` builds shapes only, from the backbone's config."""
+    config = load_backbone_config(model_cfg.backbone)
+    num_layers, hidden = config.num_hidden_layers, config.hidden_size
+    validate(model_cfg, num_layers, hidden)
+    kernel = choose_attn_implementation(model_cfg.attn_implementation)
+    if model_cfg.family == "dmpf" and kernel == "flash_attention_2":
+        log.warning("flash_attention_2 cannot run DMPF's group attention mask; using sdpa instead")
+        kernel = "sdpa"
+    if meta:
+        lm = backbone_on_meta(model_cfg.backbone, kernel)
+        try:
+            tokenizer = load_tokenizer(model_cfg.backbone)
+        except UserError:
+            tokenizer = None  # a config-only backbone without tokenizer still counts parameters
+        with torch.device("meta"):
+            return FAMILIES[model_cfg.family](model_cfg, lm, tokenizer, kernel, audio_dim, vision_dim)
+    lm, tokenizer, kernel = load_backbone(model_cfg.backbone, kernel)
+    model = FAMILIES[model_cfg.family](model_cfg, lm, tokenizer, kernel, audio_dim, vision_dim)
+    init_av_encoder(model, model_cfg.av, audio_dim, vision_dim)
+    log.info("built %s on %s (%d layers, MM blocks after %s), attention kernel %s",
+             model_cfg.family, model_cfg.backbone, num_layers, list(model_cfg.mm_layers), kernel)
+    return model
+
+
+def init_av_encoder(model: nn.Module, av_cfg: AVEncoderConfig, audio_dim: int, vision_dim: int) -> None:
+    """Fusion curriculum: ``pretrained+tune`` / ``pretrained+frozen`` load the stage-1 encoder; ``random+tune`` keeps init."""
+    if not av_cfg.init.startswith("pretrained"):
+        return
+    stage1 = load_av_encoder(av_cfg.checkpoint)
+    want = {"audio": audio_dim, "vision": vision_dim}
+    if stage1.dims != want:
+        raise UserError(
+            f"model.av.checkpoint: {av_cfg.checkpoint} was trained on feature dims {stage1.dims}, "
+            f"but the data manifest has {want}"
+        )
+    try:
+        model.av_encoder.load_state_dict(stage1.state_dict())
+    except RuntimeError as exc:
+        raise UserError(
+            f"model.av.checkpoint: {av_cfg.checkpoint} does not fit model.av (d_enc/d_av/n_layers/maxlen differ): "
+            f"{str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else exc}"
+        ) from exc
+    if av_cfg.init == "pretrained+frozen":
+        for p in model.av_encoder.parameters():
+            p.requires_grad_(False)
+        model.frozen_encoders.append("av_encoder")
+        model.av_encoder.eval()
+
+
+def check_feature_dims(model: nn.Module, manifest: dict) -> None:
+    """Refuse data whose feature dims differ from the ones the model was built for (naming both)."""
+    feats = manifest["features"]
+    got = {"audio": feats["audio"]["dim"], "vision": feats["vision"]["dim"]}
+    built = model.av_encoder.dims
+    if got != built:
+        raise UserError(f"data.root: manifest feature dims {got} differ from the model's {built}")
+
+
+def count_parameters(model: nn.Module) -> dict:
+    """Trainable / frozen totals, trainable parameters per MM block and per component (works on meta)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    per_block = {
+        int(i): sum(p.numel() for p in block.parameters() if p.requires_grad) for i, block in model.mm_blocks.items()
+    }
+    components: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            top = name.split(".")[0]
+            components[top] = components.get(top, 0) + p.numel()
+    return {"trainable": trainable, "frozen": frozen, "mm_blocks": sum(per_block.values()),
+            "per_block": per_block, "components": components}
+
+
+

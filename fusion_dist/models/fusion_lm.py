@@ -1,0 +1,153 @@
+"""What DeepMLF and DMPF share: the frozen LM run layer by layer with learnable token groups after the text.
+
+Sequence layout: [text | group 1 | group 2 | ...]. Text arrives padded anywhere (the collator pads on the
+right); it is first *left-aligned* (a stable sort moving padding to the front), so every sample reads
+[padding | real text | fusion tokens] and the real text ends right before the fusion tokens.
+
+Positions: real text 0..n-1, the fusion tokens continue at n, n+1, ... per sample; padding gets 0.
+
+Attention, built as a 4-D float additive mask (0 = allowed, finfo.min = blocked; a boolean 4-D mask is
+misread by the eager kernel): query i may see key j iff j <= i, key j is real, and the group of i may see
+the group of j (``sees``: text sees text only). Padding keys are never seen; a padding query sees only
+itself, so no row is empty (no NaN). With the left-aligned layout the DeepMLF mask is exactly "causal +
+key padding", which is what flash_attention_2 takes as a 2-D padding mask; DMPF's group mask is not.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusion_dist.config import ModelConfig
+from fusion_dist.errors import UserError
+from fusion_dist.models.augment import TextAugment
+from fusion_dist.models.backbone import LMAdapter
+
+
+def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move padding to the front, keeping the order of the real tokens."""
+    valid = attention_mask.bool()
+    order = valid.to(torch.int8).argsort(dim=1, stable=True)
+    return input_ids.gather(1, order), valid.gather(1, order)
+
+
+def last_real(states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The state of each sample's last real token (B, d), found from the mask."""
+    pos = torch.arange(valid.shape[1], device=valid.device)
+    last = torch.where(valid, pos, -1).amax(1).clamp(min=0)
+    return states[torch.arange(states.shape[0], device=states.device), last]
+
+
+def group_attention_mask(text_valid: torch.Tensor, group_sizes: list[int], sees: torch.Tensor,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, S, S) float additive mask for [text | groups...]; ``sees[q, k]``: group q may attend to group k."""
+    B, T = text_valid.shape
+    device = text_valid.device
+    group = torch.cat([torch.full((n,), g, device=device) for g, n in enumerate([T, *group_sizes])])
+    key_valid = torch.cat([text_valid, torch.ones(B, sum(group_sizes), dtype=torch.bool, device=device)], 1)
+    S = group.numel()
+    causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
+    allowed = (causal & sees.to(device)[group[:, None], group[None, :]])[None] & key_valid[:, None, :]
+    allowed = allowed | torch.eye(S, dtype=torch.bool, device=device)
+    mask = torch.zeros(B, 1, S, S, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+
+class FusionLM(nn.Module):
+    """The frozen LM (``self.lm``) with MM blocks (``self.mm_blocks``) after chosen layers."""
+
+    def __init__(self, cfg: ModelConfig, lm: nn.Module, tokenizer, attn_kernel: str):
+        super().__init__()
+        self.cfg = cfg
+        self.lm = lm
+        self.adapter = LMAdapter(lm)
+        self.tokenizer = tokenizer
+        self.attn_kernel = attn_kernel
+        self.augment = TextAugment(cfg.augment)
+        self.mm_blocks = nn.ModuleDict()
+        self.frozen_encoders: list[str] = []  # attributes kept frozen and in eval mode (pretrained+frozen)
+
+    # ----------------------------------------------------------------- modes and dtype
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.lm.eval()  # the frozen LM never runs its dropout
+        for name in self.frozen_encoders:
+            getattr(self, name).eval()
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.adapter.embed_tokens.weight.dtype
+
+    # ----------------------------------------------------------------- the layer loop
+
+    def run_lm(self, input_ids: torch.Tensor, text_valid: torch.Tensor, groups: list[torch.Tensor],
+               sees: torch.Tensor, queries: dict[str, slice], contexts: dict[str, tuple]) -> torch.Tensor:
+        """Final (post-norm) states (B, T + sum(groups), d) of [left-aligned text | groups]."""
+        B, T = input_ids.shape
+        emb = self.augment(self.adapter.embed(input_ids), text_valid)
+        tokens = [g.to(emb.dtype)[None].expand(B, -1, -1) for g in groups]
+        h = torch.cat([emb, *tokens], 1)
+
+        n_real = text_valid.sum(1, keepdim=True)
+        text_pos = (text_valid.cumsum(1) - 1).clamp(min=0)
+        fusion_pos = n_real + torch.arange(h.shape[1] - T, device=h.device)
+        position_ids = torch.cat([text_pos, fusion_pos], 1)
+        h = self.adapter.add_positions(h, position_ids)
+
+        if self.attn_kernel == "flash_attention_2":  # only reached by the plain causal layout (DeepMLF)
+            mask = torch.cat([text_valid, torch.ones_like(fusion_pos, dtype=torch.bool)], 1).long()
+        else:
+            mask = group_attention_mask(text_valid, [g.shape[0] for g in groups], sees, h.dtype)
+        layer_kwargs = self.adapter.layer_kwargs(h, position_ids)
+        for i, layer in enumerate(self.adapter.layers):
+            h = layer(h, attention_mask=mask, **layer_kwargs)
+            if str(i) in self.mm_blocks:
+                h = self.mm_blocks[str(i)](h, queries, contexts)
+        return self.adapter.final_norm(h)
+
+    def lm_loss(self, text_states: torch.Tensor, input_ids: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy of the frozen LM head on the transcript (pairs of real tokens only)."""
+        logits = self.adapter.lm_head(text_states[:, :-1]).float()
+        target = input_ids[:, 1:].masked_fill(~(text_valid[:, 1:] & text_valid[:, :-1]), -100)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+
+    # ----------------------------------------------------------------- losses
+
+    def total_loss(self, prediction: torch.Tensor, aux: dict[str, torch.Tensor], weights: dict[str, float],
+                   label: torch.Tensor, lm_term: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        """L = L1(task) + sum_k lambda_k L1(aux_k) + lambda_lm LM; terms with weight 0 were never computed."""
+        label = label.float()
+        terms = {"task": F.l1_loss(prediction.float(), label)}
+        terms.update({k: F.l1_loss(p.float(), label) for k, p in aux.items()})
+        loss = terms["task"] + sum(weights[k] * terms[k] for k in aux)
+        if lm_term is not None:
+            terms["lm"] = lm_term
+            loss = loss + self.cfg.loss.lambda_lm * lm_term
+        return loss, {k: v.detach() for k, v in terms.items()}
+
+    def text_input(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return left_align(batch["input_ids"], batch["attention_mask"])
+
+    # ----------------------------------------------------------------- trainer contract
+
+    def gate_values(self) -> dict[str, float]:
+        return {f"mm{i}.{k}": v for i, block in self.mm_blocks.items() for k, v in block.gate_values().items()}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every trainable parameter, plus the buffers (BatchNorm statistics) of modules that own one."""
+        out = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        for name, module in self.named_modules():
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                prefix = f"{name}." if name else ""
+                out.update({prefix + b: t for b, t in module.named_buffers(recurse=False) if t is not None})
+        return out
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.trainable_state_dict())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise UserError(f"trainable weights do not fit this model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        self.load_state_dict(state, strict=False)

@@ -1,0 +1,76 @@
+"""Prediction heads and the output every model returns.
+
+DeepMLF (SPEC 3.2): the task head is an MLP over [mean AV token || last real text state || mean fusion
+state]; linear auxiliary heads read each of those alone. DMPF (SPEC 3.3): a self-attention head over the
+seven stream vectors, or the concat-MLP baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ModelOutput:
+    """What every model's forward returns (the trainer's contract).
+
+    prediction: (B,) sentiment scores. loss: weighted total, requires grad. losses: unweighted terms, detached.
+    hidden_states: final (post-norm) LM states (B, T + fusion, d) in the internal layout [left-aligned text |
+    fusion groups]; text_mask: (B, T) real text tokens in that layout (both None for the AV pretrainer).
+    """
+
+    prediction: torch.Tensor
+    loss: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    hidden_states: Optional[torch.Tensor] = None
+    text_mask: Optional[torch.Tensor] = None
+
+
+def regression_head(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
+    """The task-head MLP of the reference: Linear, BatchNorm, ReLU, (dropout), Linear -> 1."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1)
+    )
+
+
+class AuxHeads(nn.Module):
+    """One linear regressor per named representation (W_av, W_t, W_f, ...)."""
+
+    def __init__(self, dims: dict[str, int]):
+        super().__init__()
+        self.heads = nn.ModuleDict({name: nn.Linear(d, 1) for name, d in dims.items()})
+
+    def forward(self, features: dict[str, torch.Tensor], names) -> dict[str, torch.Tensor]:
+        return {n: self.heads[n](features[n]).squeeze(-1) for n in names}
+
+
+class StreamAttentionHead(nn.Module):
+    """DMPF late fusion: project each stream vector to a common width, self-attend, mean-pool, MLP."""
+
+    def __init__(self, dims: list[int], width: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Linear(d, width) for d in dims)
+        self.stream_embedding = nn.Parameter(torch.zeros(len(dims), width))
+        self.attn = nn.TransformerEncoderLayer(
+            width, n_heads, 2 * width, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.mlp = regression_head(width, width, dropout)
+
+    def forward(self, streams: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.stack([p(s) for p, s in zip(self.proj, streams)], 1) + self.stream_embedding
+        return self.mlp(self.attn(x).mean(1)).squeeze(-1)
+
+
+class ConcatHead(nn.Module):
+    """DMPF ablation baseline: the stream vectors concatenated into the task MLP."""
+
+    def __init__(self, dims: list[int], hidden: int, dropout: float):
+        super().__init__()
+        self.mlp = regression_head(sum(dims), hidden, dropout)
+
+    def forward(self, streams: list[torch.Tensor]) -> torch.Tensor:
+        return self.mlp(torch.cat(streams, -1)).squeeze(-1)
