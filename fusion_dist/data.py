@@ -26,6 +26,15 @@ __all__ = ["read_manifest", "ShardDataset", "RankSampler", "Collator"]
 UNIMODAL = ("label_T", "label_A", "label_V")
 
 
+def _flat_views(col: pa.LargeListArray) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, values) of a large_list<float32> column as numpy views over its buffers (no copy; unlike
+    ``to_numpy`` this never imports pandas, which would cost seconds per process)."""
+    offsets = np.frombuffer(col.buffers()[1], dtype=np.int64)[col.offset : col.offset + len(col) + 1]
+    child = col.values
+    values = np.frombuffer(child.buffers()[1], dtype=np.float32)[child.offset : child.offset + len(child)]
+    return offsets, values
+
+
 class _Shard:
     """Zero-copy numpy views of one shard's columns (one entry per record batch)."""
 
@@ -38,16 +47,15 @@ class _Shard:
         reader = pa.ipc.open_file(source)
         self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
         self.starts = np.cumsum([0] + [b.num_rows for b in self.batches]).tolist()
+        self.frames = [{mod: _flat_views(b.column(mod)) for mod in ("audio", "vision")} for b in self.batches]
 
     def row(self, i: int, dims: dict[str, int]) -> dict:
         b = bisect.bisect_right(self.starts, i) - 1
         batch, j = self.batches[b], i - self.starts[b]
         rec = {"id": batch.column("id")[j].as_py(), "raw_text": batch.column("raw_text")[j].as_py()}
         for mod in ("audio", "vision"):
-            col = batch.column(mod)
-            lo, hi = col.offsets[j].as_py(), col.offsets[j + 1].as_py()
-            values = col.values.to_numpy(zero_copy_only=True)
-            rec[mod] = values[lo:hi].reshape(-1, dims[mod])
+            offsets, values = self.frames[b][mod]
+            rec[mod] = values[offsets[j] : offsets[j + 1]].reshape(-1, dims[mod])
         for key in ("label", *UNIMODAL):
             if key in batch.schema.names:
                 rec[key] = float(batch.column(key)[j].as_py())
