@@ -8,7 +8,7 @@ per path, concurrently, as a 2-rank job would:
   split to float32, replace ``-inf`` with 0, then index samples;
 - shard path: ``ShardDataset`` (memory-mapped) + ``RankSampler``.
 Each process builds its first batch with ``Collator`` and reports seconds from the start of loading to the
-first batch and its peak RSS (``ru_maxrss``), both absolute (the same torch/pyarrow imports included
+first batch and its peak RSS (``VmHWM``), both absolute (the same torch/pyarrow imports included
 for both paths) and above the RSS it had after its imports (the data's own cost). Data lives under --workdir
 and is deleted afterwards unless --keep.
 """
@@ -18,19 +18,23 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import pickle
-import resource
 import shutil
 import time
 from pathlib import Path
 
 
-def _rss_mib() -> float:
+def _status_mib(field: str) -> float:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+
+def _rss_mib() -> float:
+    return _status_mib("VmRSS")
 
 
 def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: ru_maxrss survives fork+exec, so a spawned child would report the parent's peak.
+    return _status_mib("VmHWM")
 
 
 def _pickle_rank(path: str, rank: int, batch_size: int, queue) -> None:
