@@ -1,8 +1,9 @@
 """A real ``mlflow server`` on 127.0.0.1 for integration tests: sqlite backend, proxied artifacts.
 
-``MlflowServer(tmp_path)`` picks a free port; ``start()`` waits (bounded) for ``/health``, ``kill()``
-stops it hard (as a crash would) and ``start()`` again brings it back on the same port and backend.
-Use the ``mlflow_server`` fixture (import it into a test module) so it is always stopped afterwards.
+``MlflowServer(tmp_path)`` picks a free port; ``start()`` waits (bounded) for ``/health``; ``pause()`` /
+``resume()`` make it hang and recover; ``kill()`` stops it hard (as a crash would) and ``start()``
+brings it back on the same port and backend.
+Use the module-scoped ``mlflow_server`` fixture (import it into a test module) so it is always stopped.
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ class MlflowServer:
         self.kill()
         raise RuntimeError(f"mlflow server not healthy after {STARTUP_TIMEOUT_S}s:\n{self.log.read_text()[-3000:]}")
 
+    def pause(self) -> None:
+        """SIGSTOP: the port still accepts connections but nothing answers (a hung server)."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL the whole process group (the server runs uvicorn workers as children)."""
         if self.proc is not None and self.proc.poll() is None:
@@ -68,9 +76,10 @@ class MlflowServer:
         self.proc = None
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    server = MlflowServer(tmp_path / "mlflow-server").start()
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """One server per test module (startup takes seconds); tests use their own experiment names."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
     try:
         yield server
     finally:

@@ -1,0 +1,163 @@
+"""The Tracker against a real ``mlflow server`` (sqlite backend, proxied artifacts) on 127.0.0.1.
+
+One server per module; each test uses its own experiment. The outage test hangs the server (SIGSTOP),
+lets it recover, kills it, restarts it on the same backend and syncs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from fusion_dist.cli import main as cli
+from fusion_dist.config import to_flat_dict
+from fusion_dist.tracking import Tracker
+from mlflow_server import mlflow_server  # noqa: F401  (module-scoped fixture)
+from test_tracking import make_cfg, run_two_seeds, runs_of
+
+pytestmark = pytest.mark.slow
+
+
+def test_parent_child_params_metrics_artifacts_and_only_rank0_writes(mlflow_server, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = make_cfg(run_dir, f"tracking.uri={mlflow_server.uri}", "tracking.experiment=integration",
+                   "run.name=nf8", "run.seeds=[0,1]")
+    tracker = Tracker(cfg, run_dir, rank=0, dataset="mosi")
+    tracker.start_parent(to_flat_dict(cfg), {"family": "deepmlf", "zero_stage": "2"})
+    children = {}
+    for seed in (0, 1):
+        children[seed] = tracker.start_child(seed)
+        for step in range(25):
+            tracker.log_metrics({"loss/task": 1.0 / (step + 1), "gate/mm1.attn": 0.5}, step)
+        (tmp_path / f"pred-{seed}.csv").write_text("id,prediction,label\na,0.1,0.2\n")
+        tracker.log_artifact(tmp_path / f"pred-{seed}.csv", "predictions")
+        tracker.end_child({"test/MAE": 0.5 + seed})
+    tracker.end_parent({"test/MAE_mean": 1.0, "test/MAE_std": 0.5})
+
+    # rank 1 of the same job, in its own process, makes every call and must write nothing anywhere
+    rank1_dir = tmp_path / "rank1"
+    script = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "from test_tracking import make_cfg, run_two_seeds\n"
+        "from fusion_dist.tracking import Tracker\n"
+        f"cfg = make_cfg({str(rank1_dir)!r}, 'tracking.uri={mlflow_server.uri}', 'tracking.experiment=integration')\n"
+        f"assert run_two_seeds(Tracker(cfg, {str(rank1_dir)!r}, rank=1, dataset='mosi'), cfg) == [None, None]\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120, cwd=os.getcwd())
+    assert not rank1_dir.exists()
+
+    client = MlflowClient(mlflow_server.uri)
+    runs = runs_of(client, "integration")
+    assert sorted(runs) == ["nf8", "seed-0", "seed-1"]  # one parent, one child per seed, nothing from rank 1
+    parent = runs["nf8"]
+    assert parent.info.run_id == tracker.parent_run_id
+    assert parent.data.metrics == {"test/MAE_mean": 1.0, "test/MAE_std": 0.5}
+    assert parent.data.params["run.seeds"] == "[0, 1]" and parent.data.tags["zero_stage"] == "2"
+    for seed, run_id in children.items():
+        child = client.get_run(run_id)
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED" and child.data.metrics["test/MAE"] == 0.5 + seed
+        history = client.get_metric_history(run_id, "loss/task")
+        assert [(m.step, m.value) for m in history] == [(s, 1.0 / (s + 1)) for s in range(25)]
+        assert [a.path for a in client.list_artifacts(run_id, "predictions")] == [f"predictions/pred-{seed}.csv"]
+
+
+def test_hung_then_dead_server_loses_nothing(mlflow_server, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    cfg = make_cfg(run_dir, f"tracking.uri={mlflow_server.uri}", "tracking.experiment=outage",
+                   "tracking.timeout_s=2", "tracking.retry_every_s=1")
+    tracker = Tracker(cfg, run_dir, rank=0, dataset="mosi")
+    tracker.start_parent(to_flat_dict(cfg), {})
+    child = tracker.start_child(0)
+    flush_marker = tmp_path / "marker.txt"
+    flush_marker.write_text("x")
+
+    def phase(steps):
+        """Log steps, then an artifact (which sends at once); returns how long the calls took."""
+        started = time.monotonic()
+        for step in steps:
+            tracker.log_metrics({"loss/task": step / 10}, step)
+        tracker.log_artifact(flush_marker, f"phase-{steps.start}")
+        return time.monotonic() - started
+
+    phase(range(0, 60))
+    assert "unavailable" not in capsys.readouterr().err
+
+    mlflow_server.pause()
+    try:
+        assert phase(range(60, 120)) < 20  # one bounded request, then only journaling
+    finally:
+        mlflow_server.resume()
+    err = capsys.readouterr().err
+    journal = run_dir.resolve() / "tracking" / "journal.jsonl"
+    assert err.count("is unavailable") == 1 and str(journal) in err
+
+    time.sleep(1.5)  # past retry_every_s: the next call probes, finds the server and replays
+    phase(range(120, 180))
+    assert "is back; replayed" in capsys.readouterr().err
+    assert len(MlflowClient(mlflow_server.uri).get_metric_history(child, "loss/task")) == 180
+
+    mlflow_server.kill()
+    started = time.monotonic()
+    phase(range(180, 240))
+    tracker.end_child({"test/MAE": 0.4})
+    tracker.end_parent()
+    assert time.monotonic() - started < 20
+    err = capsys.readouterr().err
+    assert "is unavailable" in err and "still not on" in err and f"sync-tracking {run_dir.resolve()}" in err
+
+    mlflow_server.start()
+    assert cli(["sync-tracking", str(run_dir)]) == 0
+    client = MlflowClient(mlflow_server.uri)
+    history = client.get_metric_history(child, "loss/task")
+    assert [m.step for m in history] == list(range(240))
+    assert client.get_run(child).info.status == "FINISHED"
+    assert client.get_run(tracker.parent_run_id).info.status == "FINISHED"
+    assert len(client.list_artifacts(child)) == 4
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium")
+    if found:
+        return found
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        pytest.skip("chromium is not installed and apt-get (as root) is unavailable to install it")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, env=env, timeout=900)
+    return shutil.which("chromium")
+
+
+def _page_text(chromium: str, url: str, profile) -> str:
+    """What a user sees: the DOM after MLflow's JS app has rendered, without tags."""
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+           "--virtual-time-budget=20000", "--dump-dom", url]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
+    return " ".join(re.sub(r"<[^>]+>", " ", dom).split())
+
+
+def test_mlflow_ui_shows_experiment_parent_and_children(mlflow_server, tmp_path):
+    chromium = _chromium()
+    run_dir = tmp_path / "run"
+    cfg = make_cfg(run_dir, f"tracking.uri={mlflow_server.uri}", "tracking.experiment=fusion-dist/ui",
+                   "run.name=deepmlf-nf8-ui")
+    tracker = Tracker(cfg, run_dir, rank=0, dataset="mosi")
+    run_two_seeds(tracker, cfg)
+    experiment_id = MlflowClient(mlflow_server.uri).get_experiment_by_name("fusion-dist/ui").experiment_id
+
+    runs_page = _page_text(chromium, f"{mlflow_server.uri}/#/experiments/{experiment_id}/runs", tmp_path / "p1")
+    assert "fusion-dist/ui" in runs_page and "deepmlf-nf8-ui" in runs_page
+    parent_page = _page_text(chromium, f"{mlflow_server.uri}/#/experiments/{experiment_id}/runs/"
+                                       f"{tracker.parent_run_id}", tmp_path / "p2")
+    children = re.search(r"Child runs (seed-\d) , (seed-\d)", parent_page)
+    assert children and sorted(children.groups()) == ["seed-0", "seed-1"]
+    assert "model.mm_layers [ 1, 3 ]" in parent_page
