@@ -161,3 +161,35 @@ def test_mlflow_ui_shows_experiment_parent_and_children(mlflow_server, tmp_path)
     children = re.search(r"Child runs (seed-\d) , (seed-\d)", parent_page)
     assert children and sorted(children.groups()) == ["seed-0", "seed-1"]
     assert "model.mm_layers [ 1, 3 ]" in parent_page
+
+
+def test_compare_tabulates_a_sweep_and_logs_its_plot(mlflow_server, tmp_path, capsys, monkeypatch):
+    for n_fusion, maes in ((4, (0.9, 0.8)), (8, (0.7, 0.6)), (16, (0.65, 0.75))):
+        run_dir = tmp_path / f"nf{n_fusion}"
+        cfg = make_cfg(run_dir, f"tracking.uri={mlflow_server.uri}", "tracking.experiment=sweep",
+                       f"model.n_fusion={n_fusion}", f"run.name=nf{n_fusion}")
+        tracker = Tracker(cfg, run_dir, rank=0, dataset="mosi")
+        tracker.start_parent(to_flat_dict(cfg), {})
+        for seed, mae in enumerate(maes):
+            tracker.start_child(seed)
+            tracker.log_metrics({"loss/task": 1.0}, 0)
+            tracker.end_child({"test/MAE": mae, "test/Corr": 0.5})
+        tracker.end_parent()
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+
+    assert cli(["compare", "sweep", "--uri", mlflow_server.uri]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["run", "model.n_fusion", "test/Corr", "test/MAE"]
+    assert lines[3].split()[:2] == ["nf8", "8"] and "0.6500 ± 0.0707 (n=2)" in lines[3]
+    assert (tmp_path / "compare-sweep.png").stat().st_size > 1000
+    client = MlflowClient(mlflow_server.uri)
+    report = client.search_runs([client.get_experiment_by_name("sweep").experiment_id],
+                                "tags.`fusion_dist.report` = 'compare'")
+    assert len(report) == 1
+    assert sorted(a.path for a in client.list_artifacts(report[0].info.run_id, "compare")) == [
+        "compare/compare-sweep.png", "compare/compare-sweep.txt"]
+
+    assert cli(["compare", "no-such-experiment", "--uri", mlflow_server.uri]) == 2
+    err = capsys.readouterr().err
+    assert "fusion-dist compare: error: experiment 'no-such-experiment' not found" in err and "sweep" in err
