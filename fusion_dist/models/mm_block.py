@@ -39,7 +39,8 @@ class Gate(nn.Module):
         if kind not in GATINGS:
             raise ConfigError(f"model.gating: unknown gating '{kind}'; choose {', '.join(GATINGS)}")
         self.kind = kind
-        self.a = nn.Parameter(torch.tensor(float(init))) if kind != "none" else None
+        # shape (1,), not 0-d: DeepSpeed broadcasts params as byte views, which 0-d tensors cannot give
+        self.a = nn.Parameter(torch.full((1,), float(init))) if kind != "none" else None
 
     def forward(self) -> torch.Tensor | float:
         if self.kind == "sigmoid":
@@ -113,7 +114,9 @@ def add_lora(ffw: nn.Module, cfg: ModelConfig) -> nn.Module:
         )
     for p in ffw.parameters():
         p.requires_grad_(False)
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets)
+    conv1d = any(type(m).__name__ == "Conv1D" for m in ffw.modules())  # GPT-2 stores weights transposed
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
+                      fan_in_fan_out=conv1d)
     return inject_adapter_in_model(lora, ffw)
 
 

@@ -1,0 +1,167 @@
+"""DeepMLF means what the paper says: AV never reaches text, closed gates give back the plain LM,
+padding is invisible, the FFW copy is the LM's MLP, and only the fusion parts train."""
+
+import pytest
+import torch
+
+from fusion_dist.config import ConfigError
+from fusion_dist.models import build_model
+from model_helpers import AUDIO_DIM, TEXTS, VISION_DIM, backbones, make_batch, tiny_cfg  # noqa: F401
+
+ARCHS = ["gpt2", "llama", "qwen2"]
+FEATURES = ("audio", "vision", "audio_lengths", "vision_lengths", "audio_mask", "vision_mask", "label")
+
+
+def build(backbones, arch, family="deepmlf", **over):
+    torch.manual_seed(0)
+    return build_model(tiny_cfg(backbones[arch], family, **over), AUDIO_DIM, VISION_DIM).eval()
+
+
+def real_text_states(out, i):
+    T = out.text_mask.shape[1]
+    return out.hidden_states[i, :T][out.text_mask[i]]
+
+
+def open_gates(model, value=2.0):
+    """Move every gate away from its init so the fusion path really contributes."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gate" in name:
+                p.fill_(value)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_text_states_do_not_depend_on_av(backbones, arch):
+    model = build(backbones, arch, mm_layers=[0, 2, 3])
+    open_gates(model)
+    batch = make_batch(model.tokenizer)
+    other = dict(batch, audio=torch.randn_like(batch["audio"]) * 5, vision=torch.randn_like(batch["vision"]))
+    with torch.no_grad():
+        a, b = model(batch), model(other)
+    T = a.text_mask.shape[1]
+    torch.testing.assert_close(a.hidden_states[:, :T], b.hidden_states[:, :T])
+    assert (a.hidden_states[:, T:] - b.hidden_states[:, T:]).abs().max() > 1e-3  # fusion tokens do see AV
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_closed_gates_give_the_plain_lm(backbones, arch, kernel):
+    model = build(backbones, arch, gating="tanh", gate_init=0.0, attn_implementation=kernel)
+    batch = make_batch(model.tokenizer)
+    with torch.no_grad():
+        out = model(batch)
+        for i in range(len(TEXTS)):
+            ids = batch["input_ids"][i][batch["attention_mask"][i].bool()][None]
+            ref = model.lm(ids, output_hidden_states=True)
+            ours = real_text_states(out, i)
+            torch.testing.assert_close(ours, model.lm.base_model(ids).last_hidden_state[0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(model.adapter.lm_head(ours), ref.logits[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_closed_cross_attention_gates_keep_av_out_of_fusion_tokens(backbones, arch):
+    model = build(backbones, arch, gating="tanh")
+    with torch.no_grad():
+        for block in model.mm_blocks.values():
+            block.ffw_gate.a.fill_(1.5)  # FFW open, cross-attention closed (tanh(0) = 0)
+    batch = make_batch(model.tokenizer)
+    other = dict(batch, audio=torch.randn_like(batch["audio"]) * 5, vision=torch.randn_like(batch["vision"]))
+    with torch.no_grad():
+        a, b = model(batch), model(other)
+    torch.testing.assert_close(a.hidden_states, b.hidden_states)
+
+
+@pytest.mark.parametrize("family", ["deepmlf", "dmpf"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_padding_never_changes_a_prediction(backbones, arch, family):
+    model = build(backbones, arch, family)
+    open_gates(model, 1.0)
+    batch = make_batch(model.tokenizer)
+    with torch.no_grad():
+        right = model(batch).prediction
+        left = model(make_batch(model.tokenizer, padding_side="left")).prediction
+        longer = make_batch(model.tokenizer, TEXTS + ["a much longer transcript " * 6])
+        for key in FEATURES:
+            longer[key] = torch.cat([batch[key], batch[key][:1]])
+        padded_more = model(longer).prediction[: len(TEXTS)]
+        alone = []
+        for i in range(len(TEXTS)):
+            single = make_batch(model.tokenizer, [TEXTS[i]])
+            single.update({key: batch[key][i : i + 1] for key in FEATURES})
+            alone.append(model(single).prediction[0])
+        alone = torch.stack(alone)
+    for other in (left, padded_more, alone):
+        torch.testing.assert_close(other, right, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_ffw_copy_is_the_source_mlp_at_init(backbones, arch):
+    model = build(backbones, arch)
+    x = torch.randn(2, 5, model.adapter.hidden_size)
+    for i, block in model.mm_blocks.items():
+        source = model.adapter.mlp(int(i))
+        torch.testing.assert_close(block.ffw(x), source(x))
+        assert all(p.data_ptr() != q.data_ptr() for p, q in zip(block.ffw.parameters(), source.parameters()))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_only_fusion_parts_train_and_backbone_never_changes(backbones, lora):
+    model = build(backbones, "gpt2", lora__enabled=lora, lora__r=4).train()
+    before = {n: p.detach().clone() for n, p in model.lm.named_parameters()}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    allowed = ("fusion_tokens", "mm_blocks.", "av_encoder.", "task_head.", "aux_heads.")
+    assert trainable and all(n.startswith(allowed) for n in trainable), trainable
+    ffw_trainable = [n for n in trainable if ".ffw." in n]
+    if lora:
+        assert ffw_trainable and all("lora_" in n for n in ffw_trainable)
+    else:
+        assert any(n.endswith("ffw.c_fc.weight") for n in ffw_trainable)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(make_batch(model.tokenizer)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for n, p in model.lm.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_lora_targets_matching_nothing_name_the_key(backbones):
+    with pytest.raises(ConfigError, match="model.lora.target_modules"):
+        build(backbones, "llama", lora__enabled=True, lora__target_modules=["c_fc"])
+
+
+@pytest.mark.parametrize("over, key", [
+    ({"mm_layers": [1, 4]}, "model.mm_layers"),
+    ({"n_fusion": 0}, "model.n_fusion"),
+    ({"gating": "relu"}, "model.gating"),
+    ({"gca_queries": "audio"}, "model.gca_queries"),
+    ({"av__init": "pretrained+tune"}, "model.av.checkpoint"),
+])
+def test_bad_config_names_the_key(backbones, over, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build(backbones, "gpt2", **over)
+
+
+@pytest.mark.parametrize("queries", ["text", "text+fusion"])
+def test_gca_query_ablation_lets_text_see_av(backbones, queries):
+    model = build(backbones, "gpt2", gca_queries=queries)
+    batch = make_batch(model.tokenizer)
+    with torch.no_grad():
+        a, b = model(batch), model(dict(batch, audio=torch.randn_like(batch["audio"]) * 5))
+    T = a.text_mask.shape[1]
+    assert (a.hidden_states[:, :T][a.text_mask] - b.hidden_states[:, :T][b.text_mask]).abs().max() > 1e-4
+
+
+def test_loss_terms_switch_off_and_gates_and_state_roundtrip(backbones):
+    model = build(backbones, "gpt2", loss__lambda_t=0.0, loss__lambda_lm=0.0, ffw=False)
+    out = model(make_batch(model.tokenizer))
+    assert set(out.losses) == {"task", "av", "f"}
+    assert all(not v.requires_grad for v in out.losses.values()) and out.loss.requires_grad
+    assert model.gate_values() == {"mm1.attn_av": 0.5, "mm3.attn_av": 0.5}
+    state = model.trainable_state_dict()
+    assert any("running_mean" in k for k in state) and not any(k.startswith("lm.") for k in state)
+    other = build(backbones, "gpt2", loss__lambda_t=0.0, loss__lambda_lm=0.0, ffw=False)
+    other.load_trainable_state_dict({k: v.clone() for k, v in state.items()})
+    batch = make_batch(model.tokenizer, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(other(batch).prediction, model(batch).prediction)
