@@ -1,0 +1,195 @@
+"""The model registry: an export as an MLflow pyfunc model, registered, with ``champion``/``challenger`` aliases.
+
+``fusion-dist register RUN_DIR`` logs the run's export (``RUN_DIR/export`` or ``--export``) as a pyfunc
+model under the run's MLflow parent run, registers a new version, and points the alias ``champion`` at
+it only if its test metric beats the current champion's (else ``challenger``). Stages are never used.
+Loading ``models:/<name>@champion`` gives a model that predicts like ``fusion-dist predict``::
+
+    model = mlflow.pyfunc.load_model("models:/fusion-dist-mosi-deepmlf@champion")
+    model.predict(pd.DataFrame({"id": [...], "text": [...], "audio": [frames x Da], "vision": [frames x Dv]}))
+
+The pyfunc holds the export directory (trainable weights + config); the frozen backbone is loaded from
+the path recorded in the export, so serving machines need fusion-dist and that backbone directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import re
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from fusion_dist.config import Config, from_yaml
+from fusion_dist.errors import UserError
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+METRIC_TAG, VALUE_TAG = "fusion_dist.test_metric", "fusion_dist.test_metric_value"
+COLUMNS = ("id", "text", "audio", "vision")
+
+
+def check_name(name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise UserError(f"invalid registry name '{name}': use 1-255 letters, digits, '.', '_' or '-', "
+                        "starting with a letter or digit (MLflow names cannot contain '/' or ':')")
+    return name
+
+
+def default_name(experiment: str, cfg: Config) -> str:
+    """``tracking.registry_name``, else ``<experiment>-<family>`` with the slashes replaced."""
+    return cfg.tracking.registry_name or f"{experiment}-{cfg.model.family}".replace("/", "-")
+
+
+def frame_to_samples(frame: pd.DataFrame, dims: dict[str, int]) -> list[dict]:
+    """DataFrame rows (id, text, audio/vision as frames x dim nested lists or arrays) -> reader samples."""
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise MlflowException(f"input is missing column(s) {missing}; expected {list(COLUMNS)}",
+                              error_code="INVALID_PARAMETER_VALUE")
+    samples = []
+    for row in frame.itertuples(index=False):
+        sample = {"id": str(row.id), "raw_text": str(row.text), "label": float("nan")}
+        for mod, dim in dims.items():
+            value = getattr(row, mod)
+            feats = np.stack([np.asarray(f, dtype=np.float32) for f in value]) if len(value) else \
+                np.zeros((0, dim), np.float32)
+            if feats.ndim != 2 or feats.shape[1] != dim:
+                raise MlflowException(f"row {row.id}: {mod} must be frames x {dim}, got shape {feats.shape}",
+                                      error_code="INVALID_PARAMETER_VALUE")
+            sample[mod] = np.nan_to_num(feats, neginf=0.0, posinf=0.0)
+        samples.append(sample)
+    return samples
+
+
+class SentimentModel(mlflow.pyfunc.PythonModel):
+    """Rebuilds the network from the backbone + the export artifact; predicts one sentiment score per row."""
+
+    def load_context(self, context) -> None:
+        from fusion_dist.data import Collator
+        from fusion_dist.export import load_export
+
+        self.model, meta, cfg = load_export(context.artifacts["export"])
+        self.dims = {m: meta["features"][m]["dim"] for m in ("audio", "vision")}
+        self.collator = Collator(getattr(self.model, "tokenizer", None), cfg.data.max_text_tokens)
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from fusion_dist.train.trainer import predict_module
+
+        ids, preds, _ = predict_module(self.model, frame_to_samples(model_input, self.dims), self.collator, 64)
+        return pd.DataFrame({"id": list(ids), "prediction": np.asarray(preds, dtype=np.float64)})
+
+
+def input_example(dims: dict[str, int]) -> pd.DataFrame:
+    """Two rows in the input format (zero features of a few frames), shown in the UI and used for the signature."""
+    return pd.DataFrame({
+        "id": ["clip-1", "clip-2"],
+        "text": ["what a wonderful film", "not my thing at all"],
+        "audio": [np.zeros((3, dims["audio"])).tolist(), np.zeros((2, dims["audio"])).tolist()],
+        "vision": [np.zeros((3, dims["vision"])).tolist(), np.zeros((2, dims["vision"])).tolist()],
+    })
+
+
+def _requirements() -> list[str]:
+    """fusion-dist's own runtime dependencies (inferring them would rebuild the model in a subprocess)."""
+    reqs = importlib.metadata.requires("fusion-dist") or []
+    return [r for r in reqs if "extra ==" not in r]
+
+
+def lower_is_better(metric: str) -> bool:
+    return any(word in metric.lower() for word in ("mae", "loss", "mse", "error"))
+
+
+def parent_metric(run, metric: str | None) -> tuple[str, float]:
+    """The configuration's test metric on its parent run: ``metric`` if given, else the mean test MAE."""
+    metrics = run.data.metrics
+    if metric is None:
+        candidates = sorted(k for k in metrics if "test" in k.lower() and "mae" in k.lower() and "std" not in k.lower())
+        if not candidates:
+            raise UserError(f"parent run {run.info.run_id} has no test MAE metric (has: {sorted(metrics)}); "
+                            "choose one with --metric")
+        metric = candidates[0]
+    if metric not in metrics:
+        raise UserError(f"parent run {run.info.run_id} has no metric '{metric}' (has: {sorted(metrics)})")
+    return metric, metrics[metric]
+
+
+def promote(client: MlflowClient, name: str, version: str, metric: str, value: float) -> str:
+    """``champion`` if this version beats the current champion on ``metric`` (or there is none), else ``challenger``."""
+    client.set_model_version_tag(name, version, METRIC_TAG, metric)
+    client.set_model_version_tag(name, version, VALUE_TAG, repr(value))
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        champion = None
+    best = float(champion.tags[VALUE_TAG]) if champion is not None and VALUE_TAG in champion.tags else None
+    if champion is not None and champion.tags.get(METRIC_TAG) not in (None, metric):
+        raise UserError(f"model '{name}': the champion (version {champion.version}) was ranked on "
+                        f"{champion.tags[METRIC_TAG]}, this one on {metric}; register with --metric "
+                        f"{champion.tags[METRIC_TAG]}")
+    wins = best is None or (value < best if lower_is_better(metric) else value > best)
+    alias = "champion" if wins else "challenger"
+    client.set_registered_model_alias(name, alias, version)
+    return alias
+
+
+def register(run_dir: str | Path, name: str | None = None, export_dir: str | Path | None = None,
+             uri: str | None = None, metric: str | None = None) -> tuple[str, str, str]:
+    """Log + register a run's export; returns (name, version, alias)."""
+    from fusion_dist.export import load_export
+    from fusion_dist.tracking import resolve_uri, sync
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
+    cfg = from_yaml((run_dir / "config.yaml").read_text())
+    if name or cfg.tracking.registry_name:
+        check_name(name or cfg.tracking.registry_name)  # fail before any work
+    export_dir = Path(export_dir or run_dir / "export").resolve()
+    uri = uri or resolve_uri(cfg, run_dir)
+    _, _, runs = sync(run_dir, uri)  # a parent created offline exists only after this
+    if "parent" not in runs:
+        raise UserError(f"{run_dir}: no MLflow parent run recorded for {uri}")
+    # Loading first proves the artifact works here: a missing backbone or a bad export is a clear error
+    # before anything is logged.
+    model, meta, _ = load_export(export_dir)
+    del model
+    dims = {m: meta["features"][m]["dim"] for m in ("audio", "vision")}
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    parent = client.get_run(runs["parent"])
+    name = check_name(name or default_name(client.get_experiment(parent.info.experiment_id).name, cfg))
+    metric, value = parent_metric(parent, metric)
+    example = input_example(dims)
+    signature = mlflow.models.infer_signature(
+        example, pd.DataFrame({"id": example["id"], "prediction": np.zeros(len(example))}))
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with mlflow.start_run(run_id=runs["parent"]):
+        info = mlflow.pyfunc.log_model(name="model", python_model=SentimentModel(),
+                                       artifacts={"export": str(export_dir)}, signature=signature,
+                                       input_example=example, pip_requirements=_requirements(),
+                                       registered_model_name=name)
+    version = str(info.registered_model_version)
+    alias = promote(client, name, version, metric, value)
+    return name, version, alias
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fusion-dist register",
+                                     description="log a run's export as an MLflow pyfunc model, register it, set its alias")
+    parser.add_argument("run_dir")
+    parser.add_argument("--name", help="registered model name (default: tracking.registry_name or <experiment>-<family>)")
+    parser.add_argument("--export", help="export directory (default: RUN_DIR/export)")
+    parser.add_argument("--uri", help="tracking URI (default: the one the run used)")
+    parser.add_argument("--metric", help="parent-run metric that ranks versions (default: the mean test MAE)")
+    args = parser.parse_args(argv)
+    name, version, alias = register(args.run_dir, args.name, args.export, args.uri, args.metric)
+    print(f"registered {name} version {version} as @{alias}; load it with "
+          f"mlflow.pyfunc.load_model('models:/{name}@{alias}')")
+    return 0
