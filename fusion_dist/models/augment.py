@@ -43,8 +43,8 @@ class TextAugment(nn.Module):
             return emb
         real = valid[..., None].to(emb.dtype)
         if cfg.kind == "seqaug":
-            swap = (torch.rand(emb.shape[0], 1, emb.shape[-1], device=emb.device) < cfg.p_perm).to(emb.dtype)
-            return emb + swap * real * (permute_real_positions(emb, valid) - emb)
+            swap = torch.rand(emb.shape[0], 1, emb.shape[-1], device=emb.device) < cfg.p_perm
+            return torch.where(swap & valid[..., None], permute_real_positions(emb, valid), emb)
         if cfg.kind == "noise":
             return emb + real * cfg.noise_std * torch.randn_like(emb)
         return emb + real * (nn.functional.dropout(emb, cfg.dropout, True) - emb)
