@@ -182,6 +182,8 @@ class TrainConfig:
     """Checkpoints kept besides the best one."""
     log_every_steps: int = 10
     """Rank 0 prints one progress line every N optimizer steps."""
+    dist_timeout_s: float = 600.0
+    """Collective-operation timeout: if a rank dies, the others fail within this bound instead of hanging."""
 
 
 @dataclass

@@ -1,0 +1,166 @@
+"""The DeepSpeed engine: its config generated from ours, the AdamW param groups, the LR schedule.
+
+The only module that imports deepspeed at top level. Users never write DeepSpeed JSON: everything
+comes from ``TrainConfig`` in ``deepspeed_config``; ``train.deepspeed_config`` may point at an extra
+JSON that is merged over the generated one for the rare knob we do not expose.
+
+Batch arithmetic (logged at start): global batch = micro-batch x gradient accumulation x world
+size. The user sets the global and micro batch; accumulation is derived, so the same config gives
+the same optimization on 1 or N ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+if not torch.cuda.is_available():
+    # DeepSpeed picks its accelerator at import time; without a GPU it must be the CPU one (gloo).
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+
+from fusion_dist.config import TrainConfig  # noqa: E402
+from fusion_dist.errors import UserError  # noqa: E402
+
+AV_ENCODER_NAMES = ("av_encoder", "audio_encoder", "video_encoder")
+
+
+def accumulation_steps(train: TrainConfig, world_size: int) -> int:
+    """Gradient accumulation that makes micro x accum x world equal the global batch (or a UserError)."""
+    per_step = train.micro_batch_size * world_size
+    if train.micro_batch_size < 1 or train.global_batch_size < 1 or train.global_batch_size % per_step:
+        raise UserError(
+            f"train.global_batch_size={train.global_batch_size} is not a positive multiple of "
+            f"train.micro_batch_size x world size = {train.micro_batch_size} x {world_size} = {per_step}"
+        )
+    return train.global_batch_size // per_step
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The complete DeepSpeed JSON for this run (also written to ``<run>/ds_config.json``)."""
+    if train.zero_stage not in (0, 1, 2, 3):
+        raise UserError(f"train.zero_stage={train.zero_stage}: must be 0, 1, 2 or 3")
+    if train.precision not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"train.precision={train.precision!r}: must be fp32, bf16 or fp16")
+    if train.offload_optimizer and train.zero_stage == 0:
+        raise UserError("train.offload_optimizer needs train.zero_stage 1, 2 or 3")
+    if train.offload_params and train.zero_stage != 3:
+        raise UserError("train.offload_params needs train.zero_stage 3")
+    zero: dict[str, Any] = {"stage": train.zero_stage}
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if train.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if train.zero_stage == 3:
+        # gather the (small) trainable weights at save time so exports are plain tensors
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    cfg: dict[str, Any] = {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": accumulation_steps(train, world_size),
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10**9,  # progress lines are ours (rank 0, one per interval)
+        "wall_clock_breakdown": False,
+    }
+    if train.deepspeed_config:
+        path = Path(train.deepspeed_config)
+        try:
+            extra = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"train.deepspeed_config: cannot read {path}: {exc}") from exc
+        if not isinstance(extra, dict):
+            raise UserError(f"train.deepspeed_config: {path} must hold a JSON object")
+        cfg = _merge(cfg, extra)
+    return cfg
+
+
+def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
+    return p.ndim < 2 or "gate" in name or "fusion_tokens" in name
+
+
+def param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups (SPEC 4): LM-side trainables at ``lr``, AV encoders at ``av_lr``; no weight decay on
+    biases, norms and other 1-D params, gates and fusion tokens. Frozen params never reach the optimizer."""
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        side = "av" if any(part in AV_ENCODER_NAMES for part in name.split(".")) else "lm"
+        groups.setdefault((side, _no_decay(name, p)), []).append(p)
+    if not groups:
+        raise UserError("the model has no trainable parameters (check model.av.init and model.lora)")
+    return [
+        {
+            "name": f"{side}{'_no_decay' if nd else ''}",
+            "params": params,
+            "lr": train.av_lr if side == "av" else train.lr,
+            "weight_decay": 0.0 if nd else train.weight_decay,
+        }
+        for (side, nd), params in sorted(groups.items())
+    ]
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    """LR multiplier: linear warmup to 1 over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@contextlib.contextmanager
+def model_init(ds_config: dict[str, Any]) -> Iterator[None]:
+    """Build the model inside this: under ZeRO-3 the HF backbone is loaded already partitioned
+    (transformers reads the live ``HfDeepSpeedConfig``), so no rank ever holds the full LM."""
+    if ds_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep_alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        del keep_alive
+
+
+def initialize(model: torch.nn.Module, train: TrainConfig, ds_config: dict[str, Any], total_steps: int,
+               warmup_steps: int):
+    """``deepspeed.initialize`` with our optimizer and schedule; returns the engine.
+
+    ZeRO-Offload uses DeepSpeed's CPU Adam (the fast one for offloaded states); otherwise torch AdamW.
+    """
+    groups = param_groups(model, train)
+    betas = tuple(train.betas)
+    if train.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=train.lr, betas=betas, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine
