@@ -193,3 +193,54 @@ def test_compare_tabulates_a_sweep_and_logs_its_plot(mlflow_server, tmp_path, ca
     assert cli(["compare", "no-such-experiment", "--uri", mlflow_server.uri]) == 2
     err = capsys.readouterr().err
     assert "fusion-dist compare: error: experiment 'no-such-experiment' not found" in err and "sweep" in err
+
+
+def test_two_rank_training_is_tracked_registered_and_served_like_predict(mlflow_server, tmp_path, capsys):
+    import numpy as np
+    import pandas as pd
+    import mlflow
+
+    from fusion_dist.data import ShardDataset
+
+    pytest.importorskip("fusion_dist.train.trainer", reason="needs the trainer (fusion-dist train / export / predict)")
+    backbone, shards, run_dir = tmp_path / "backbone", tmp_path / "shards", tmp_path / "run"
+    assert cli(["make-backbone", "--arch", "gpt2", "--preset", "tiny", "--out", str(backbone)]) == 0
+    assert cli(["synth", "--dataset", "mosi", "--out", str(tmp_path / "mosi.pkl"), "--samples", "48"]) == 0
+    assert cli(["prepare", str(tmp_path / "mosi.pkl"), str(shards)]) == 0
+    train = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+             str(__import__("mlflow_server").free_port()), "-m", "fusion_dist.cli", "train",
+             "configs/test/deepmlf_tiny_gpt2.yaml", f"model.backbone={backbone}", f"data.root={shards}",
+             f"run.dir={run_dir}", "run.seeds=[0,1]", "train.epochs=1", f"tracking.uri={mlflow_server.uri}",
+             "tracking.experiment=trained"]
+    subprocess.run(train, check=True, timeout=300, capture_output=True)
+
+    client = MlflowClient(mlflow_server.uri)
+    runs = runs_of(client, "trained")
+    assert sorted(runs) == ["run", "seed-0", "seed-1"]  # rank 1 created nothing
+    parent = runs["run"]
+    assert parent.data.tags["world_size"] == "2" and parent.data.params["run.seeds"] == "[0, 1]"
+    assert "test/MAE_mean" in parent.data.metrics
+    assert "metrics.json" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    for seed in (0, 1):
+        child = runs[f"seed-{seed}"]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id and "test/MAE" in child.data.metrics
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "valid/MAE")]
+
+    assert cli(["register", str(run_dir), "--name", "bad/name"]) == 2
+    assert "invalid registry name 'bad/name'" in capsys.readouterr().err
+    assert cli(["register", str(run_dir), "--name", "tiny-deepmlf"]) == 0
+    assert "@champion" in capsys.readouterr().out
+    assert client.get_model_version_by_alias("tiny-deepmlf", "champion").version == "1"
+
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    mlflow.set_registry_uri(mlflow_server.uri)
+    served = mlflow.pyfunc.load_model("models:/tiny-deepmlf@champion")
+    test = ShardDataset(str(shards), "test")
+    rows = [test[i] for i in range(len(test))]
+    frame = pd.DataFrame({"id": [r["id"] for r in rows], "text": [r["raw_text"] for r in rows],
+                          "audio": [r["audio"].tolist() for r in rows], "vision": [r["vision"].tolist() for r in rows]})
+    got = served.predict(frame)
+    assert cli(["predict", str(run_dir / "export"), str(shards), "--out", str(tmp_path / "pred.csv")]) == 0
+    want = pd.read_csv(tmp_path / "pred.csv", dtype={"id": str})
+    assert list(got["id"]) == list(want["id"])
+    np.testing.assert_allclose(got["prediction"], want["prediction"], atol=1e-6, rtol=0)
