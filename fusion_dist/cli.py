@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("data_prep.shards:main_verify", "check a shard root's manifest and every checksum"),
     "make-backbone": ("fusion_dist.models.backbone:main_make_backbone", "a local HF LM dir (config, tokenizer, random weights) from a preset"),
     "params": ("fusion_dist.params:main", "trainable / frozen parameter table per MM block, built on the meta device"),
+    "plan": ("fusion_dist.plan:main", "per-rank GPU memory per ZeRO stage / offload option, frozen-aware; recommends one"),
     "sync-tracking": ("fusion_dist.tracking:main_sync", "send a run directory's pending MLflow records (idempotent)"),
     "register": ("fusion_dist.registry:main", "log a run's export as an MLflow pyfunc model, register it, set champion/challenger"),
     "compare": ("fusion_dist.compare:main", "table + plot of an MLflow experiment's runs: config differences, mean±std metrics"),
