@@ -75,3 +75,12 @@ def planted_batch(tokenizer, n: int = 16, seed: int = 0) -> dict:
     batch["audio"][..., 0] += signal[:, None] * batch["audio_mask"]
     batch["label"] = (signal + (1 - 2 * polarity.float())).clamp(-3, 3)
     return batch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: intra-op threads only add synchronisation, which costs seconds on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,7 +6,7 @@ import torch
 
 from fusion_dist.config import ConfigError
 from fusion_dist.models import build_model
-from model_helpers import AUDIO_DIM, TEXTS, VISION_DIM, backbones, make_batch, tiny_cfg  # noqa: F401
+from model_helpers import AUDIO_DIM, TEXTS, VISION_DIM, backbones, make_batch, tiny_cfg, single_thread  # noqa: F401
 
 ARCHS = ["gpt2", "llama", "qwen2"]
 FEATURES = ("audio", "vision", "audio_lengths", "vision_lengths", "audio_mask", "vision_mask", "label")

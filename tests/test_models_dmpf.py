@@ -7,7 +7,7 @@ from fusion_dist.config import ConfigError
 from fusion_dist.models import build_model
 from fusion_dist.models.dmpf import MASK_PRESETS
 from fusion_dist.models.fusion_lm import group_attention_mask
-from model_helpers import AUDIO_DIM, VISION_DIM, backbones, make_batch, tiny_cfg  # noqa: F401
+from model_helpers import AUDIO_DIM, VISION_DIM, backbones, make_batch, tiny_cfg, single_thread  # noqa: F401
 
 # SPEC 3.3, written out independently of the implementation: query group -> {key group: rule}.
 EXPECTED = {
