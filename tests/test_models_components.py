@@ -11,7 +11,7 @@ from fusion_dist.models import (
     load_backbone, save_av_encoder,
 )
 from fusion_dist.models.augment import TextAugment, permute_real_positions
-from model_helpers import AUDIO_DIM, VISION_DIM, backbones, make_batch, tiny_cfg, single_thread  # noqa: F401
+from model_helpers import AUDIO_DIM, VISION_DIM, backbones, single_thread, tiny_cfg  # noqa: F401
 
 
 def av_batch(seed=0):
