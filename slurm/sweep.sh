@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# A grid of configurations as one Slurm job array, then a report over all of it:
+#
+#   bash slurm/sweep.sh slurm/sweeps/mosi_depth.yaml [sbatch options for the array tasks ...]
+#
+# The sweep file (format: slurm/jobtools.py) names the job script, the config, the grid and an
+# MLflow experiment. Every array task trains one configuration (all its seeds) in <dir>/task<i>, logs to
+# logs/<name>-<arrayid>_<i>.out and tracks into the one experiment (<dir>/mlflow.db, or the server in
+# $MLFLOW_TRACKING_URI). A last job, started only when every task has succeeded (afterok), runs
+# `fusion-dist compare` over the experiment: a table in logs/<name>-report-<jobid>.out and a plot in
+# <dir>/compare.png, both also logged to MLflow. Tasks are requeued after preemption like any job.
+# Limit how many tasks run at once with FD_SWEEP_MAX_PARALLEL (sbatch --array=...%N).
+set -euo pipefail
+[ $# -ge 1 ] || { echo "usage: bash slurm/sweep.sh SWEEP.yaml [sbatch options ...]" >&2; exit 2; }
+sweep_file=$1; shift
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+venv=${FD_VENV:-$here/../.venv}
+[ -n "${VIRTUAL_ENV:-}" ] || [ ! -f "$venv/bin/activate" ] || source "$venv/bin/activate"
+
+# expands the grid into <dir>/tasks.tsv, checks every task's config, creates the experiment; sets
+# tasks dir script config experiment uri name
+plan=$(python "$here/jobtools.py" sweep "$sweep_file")
+eval "$plan"
+mkdir -p logs
+limit=${FD_SWEEP_MAX_PARALLEL:+%$FD_SWEEP_MAX_PARALLEL}
+array=$(FD_SWEEP_TASKS="$dir/tasks.tsv" FD_CONFIG="$config" sbatch --parsable --array="0-$((tasks - 1))$limit" \
+  --job-name="$name" --output="logs/%x-%A_%a.out" "$@" "$script")
+array=${array%%;*}
+report=$(sbatch --parsable --dependency="afterok:$array" --kill-on-invalid-dep=yes --job-name="$name-report" \
+  --nodes=1 --ntasks=1 --time=00:30:00 --output="logs/%x-%j.out" \
+  --wrap="$(printf '%q ' fusion-dist compare "$experiment" --uri "$uri" --out "$dir/compare.png")")
+echo "sweep $name: $tasks tasks = array job $array (logs/$name-${array}_<i>.out), report job $report after all succeed"
+echo "runs in $dir/task<i>; MLflow experiment '$experiment' at $uri"
+echo "array=$array report=$report"
