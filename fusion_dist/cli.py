@@ -17,6 +17,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("data_prep.synth:main", "planted-signal synthetic data in the exact MMSA pickle format"),
     "prepare": ("data_prep.shards:main_prepare", "MMSA pickle or JSONL/CSV manifest -> Arrow shards + manifest"),
     "verify": ("data_prep.shards:main_verify", "check a shard root's manifest and every checksum"),
+    "pretrain-av": ("fusion_dist.train.trainer:main_pretrain_av", "stage 1: train the AV encoder alone (any launcher)"),
+    "train": ("fusion_dist.train.trainer:main_train", "stage 2: train DeepMLF / DMPF on the DeepSpeed engine (any launcher)"),
+    "evaluate": ("fusion_dist.train.trainer:main_evaluate", "metrics of each seed's best checkpoint on valid and test"),
+    "export": ("fusion_dist.export:main_export", "trainable weights + config + backbone reference of a run"),
+    "predict": ("fusion_dist.export:main_predict", "predictions of an export for a shard split or a JSONL"),
     "make-backbone": ("fusion_dist.models.backbone:main_make_backbone", "a local HF LM dir (config, tokenizer, random weights) from a preset"),
     "params": ("fusion_dist.params:main", "trainable / frozen parameter table per MM block, built on the meta device"),
     "plan": ("fusion_dist.plan:main", "per-rank GPU memory per ZeRO stage / offload option, frozen-aware; recommends one"),
@@ -36,6 +41,8 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # the deepspeed launcher inserts --local_rank=N before the subcommand; ranks are read from the env
+    argv = [a for a in argv if not a.startswith("--local_rank=")]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

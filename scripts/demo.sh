@@ -39,3 +39,24 @@ for split in ("train", "valid", "test"):
           f"vision dim {f['vision']['dim']}, labels {labels.min():+.2f}..{labels.max():+.2f} "
           f"(range {ds.manifest['label_range']})")
 PY
+
+# Training: 2 CPU ranks with the deepspeed launcher (gloo; DS_ACCELERATOR=cpu is picked automatically
+# without a GPU). On a GPU box the same commands use one rank per GPU.
+RANKS=${DEMO_RANKS:-2}
+launch() { OMP_NUM_THREADS=1 .venv/bin/deepspeed --num_gpus "$RANKS" --master_port "${DEMO_PORT:-29561}" .venv/bin/fusion-dist "$@"; }
+COMMON=(data.root="$OUT/shards/mosi" model.backbone="$OUT/backbone" tracking.enabled=false)
+
+step "5. tiny random Llama backbone"
+[ -f "$OUT/backbone/config.json" ] || $FD make-backbone --arch llama --preset tiny --out "$OUT/backbone"
+
+step "6. stage 1: AV encoder pretraining on $RANKS ranks (resumes if interrupted)"
+launch pretrain-av configs/demo/deepmlf_tiny.yaml "${COMMON[@]}" run.dir="$OUT/runs/av_pretrain" \
+  train.epochs=4 train.av_lr=1e-3
+
+step "7. stage 2: DeepMLF from the pretrained encoder on $RANKS ranks"
+launch train configs/demo/deepmlf_tiny.yaml "${COMMON[@]}" run.dir="$OUT/runs/deepmlf_tiny" \
+  model.av.init=pretrained+tune model.av.checkpoint="$OUT/runs/av_pretrain/export"
+
+step "8. evaluate the best checkpoint (test metrics table)"
+$FD evaluate configs/demo/deepmlf_tiny.yaml "${COMMON[@]}" run.dir="$OUT/runs/deepmlf_tiny" \
+  model.av.init=pretrained+tune model.av.checkpoint="$OUT/runs/av_pretrain/export"

@@ -138,6 +138,7 @@ def model_init(ds_config: dict[str, Any]) -> Iterator[None]:
         return
     from transformers.integrations import HfDeepSpeedConfig
 
+    deepspeed.init_distributed()  # adopts our process group, so the config sees the real world size
     keep_alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference
     try:
         yield

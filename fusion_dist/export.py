@@ -1,0 +1,242 @@
+"""Exports: the trainable weights of a run + its resolved config + a reference to the frozen backbone,
+and the way back (rebuild a model from backbone + export) used by ``evaluate`` and ``predict``.
+
+An export directory holds:
+
+- ``model.safetensors``: the trainable weights (fusion tokens, MM blocks or their LoRA adapters,
+  heads) and the AV encoder(s), also when they were kept frozen (``pretrained+frozen``), so the
+  export alone rebuilds the model. Never the backbone.
+- ``config.yaml``: the resolved run config; ``export.json``: stage, feature dims, metric set and
+  the backbone reference (name or path, and for a local directory a fingerprint of its files, so a
+  different backbone at the same path is refused).
+- Stage 1 (``pretrain-av``) exports also hold ``av_encoder.safetensors`` in the format
+  ``model.av.checkpoint`` of stage 2 reads.
+
+Commands::
+
+    fusion-dist export RUN_DIR OUT [--seed S]        # best checkpoint of seed S (default: best seed)
+    fusion-dist predict EXPORT_DIR DATA [--split test] [--out FILE.csv]
+        DATA: a shard root (with --split) or a JSONL of {"id", "text", "audio": x.npy, "vision": y.npy}
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from fusion_dist.config import Config, from_yaml, to_yaml
+from fusion_dist.errors import UserError
+
+WEIGHTS = "model.safetensors"
+META = "export.json"
+CONFIG = "config.yaml"
+STAGES = ("pretrain-av", "train")
+
+
+# ----------------------------------------------------------------------------- weights and rebuild
+
+
+def weights_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What an export keeps: trainable weights + buffers, and the AV encoders even when frozen."""
+    if not hasattr(module, "trainable_state_dict"):  # the stage-1 pretrainer: small and all trainable
+        return dict(module.state_dict())
+    out = dict(module.trainable_state_dict())
+    for name in getattr(module, "frozen_encoders", []):
+        out.update({f"{name}.{k}": v for k, v in getattr(module, name).state_dict().items()})
+    return out
+
+
+def build_for_stage(cfg: Config, stage: str, audio_dim: int, vision_dim: int) -> torch.nn.Module:
+    """The model a stage trains, freshly initialized (stage 2 loads its backbone and stage-1 encoder)."""
+    from fusion_dist.models import build_av_pretrainer, build_model
+
+    if stage == "pretrain-av":
+        return build_av_pretrainer(cfg.model.av, audio_dim, vision_dim, cfg.model.head_hidden, cfg.model.dropout)
+    return build_model(cfg.model, audio_dim, vision_dim)
+
+
+def rebuild(cfg: Config, stage: str, audio_dim: int, vision_dim: int, weights: dict[str, torch.Tensor]):
+    """Backbone + saved weights -> the trained model, in eval mode. The AV encoder comes from ``weights``,
+    so the stage-1 checkpoint the run started from is not needed any more."""
+    cfg = copy.deepcopy(cfg)
+    cfg.model.av.init, cfg.model.av.checkpoint = "random+tune", None
+    model = build_for_stage(cfg, stage, audio_dim, vision_dim)
+    if hasattr(model, "load_trainable_state_dict"):
+        model.load_trainable_state_dict(weights)
+    else:
+        model.load_state_dict(weights)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- backbone reference
+
+
+def backbone_reference(name_or_dir: str) -> dict:
+    """Name/path of the backbone and, for a local directory, a fingerprint of its config and weights:
+    sha256 over config.json, any weights index, and each weights file's size plus its first and last
+    MiB (cheap on multi-GB files, yet different for two random initializations of one architecture)."""
+    path = Path(name_or_dir)
+    if not (path / "config.json").is_file():
+        return {"name": name_or_dir, "local": False}
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.name == "config.json" or f.name.endswith(".index.json"):
+            h.update(f.name.encode() + f.read_bytes())
+        elif f.suffix in (".safetensors", ".bin"):
+            size = f.stat().st_size
+            with f.open("rb") as fh:
+                head = fh.read(1 << 20)
+                fh.seek(max(0, size - (1 << 20)))
+                tail = fh.read()
+            h.update(f"{f.name}:{size}".encode() + head + tail)
+    return {"name": name_or_dir, "local": True, "fingerprint": h.hexdigest()}
+
+
+def check_backbone(ref: dict, name_or_dir: str, where: str) -> None:
+    """Refuse a backbone that is not the one the weights were trained on."""
+    now = backbone_reference(name_or_dir)
+    if ref.get("local") and now.get("fingerprint") != ref.get("fingerprint"):
+        found = "is missing" if not now.get("local") else "has other config or weights"
+        raise UserError(
+            f"{where}: backbone {name_or_dir} {found} than the one this model was trained on "
+            f"(fingerprint {ref.get('fingerprint', '?')[:12]}); pass the original backbone with model.backbone=DIR"
+        )
+
+
+# ----------------------------------------------------------------------------- writing and reading
+
+
+def write_export(out: Path, cfg: Config, stage: str, weights: dict[str, torch.Tensor], manifest: dict) -> Path:
+    """Write an export directory atomically (staged next to ``out``, then renamed)."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    save_file(tensors, str(tmp / WEIGHTS))
+    (tmp / CONFIG).write_text(to_yaml(cfg))
+    feats = manifest["features"]
+    meta = {
+        "format_version": 1,
+        "stage": stage,
+        "dataset": manifest.get("dataset"),
+        "metrics": manifest.get("metrics", "mosi"),
+        "features": {m: {"dim": feats[m]["dim"]} for m in ("audio", "vision")},
+        "backbone": backbone_reference(cfg.model.backbone) if stage == "train" else None,
+    }
+    (tmp / META).write_text(json.dumps(meta, indent=2))
+    if stage == "pretrain-av":
+        from fusion_dist.models.av_encoder import ENCODER_FILE
+
+        enc = {k[len("av_encoder."):]: v for k, v in tensors.items() if k.startswith("av_encoder.")}
+        dims = {m: str(feats[m]["dim"]) for m in ("audio", "vision")}
+        save_file(enc, str(tmp / ENCODER_FILE), metadata={f"{m}_dim": d for m, d in dims.items()})
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def load_export(export_dir: str | Path, backbone: str | None = None):
+    """-> (model in eval mode, meta, cfg). ``backbone`` overrides the recorded path (moved backbone)."""
+    export_dir = Path(export_dir)
+    for name in (WEIGHTS, META, CONFIG):
+        if not (export_dir / name).is_file():
+            raise UserError(f"{export_dir}: not an export directory (no {name}); make one with 'fusion-dist export'")
+    meta = json.loads((export_dir / META).read_text())
+    cfg = from_yaml((export_dir / CONFIG).read_text())
+    if backbone:
+        cfg.model.backbone = backbone
+    if meta["stage"] == "train":
+        check_backbone(meta["backbone"], cfg.model.backbone, f"{export_dir}/{META}")
+    feats = meta["features"]
+    model = rebuild(cfg, meta["stage"], feats["audio"]["dim"], feats["vision"]["dim"],
+                    load_file(str(export_dir / WEIGHTS)))
+    return model, meta, cfg
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def main_export(argv: list[str]) -> int:
+    from fusion_dist.train.trainer import best_checkpoint
+
+    p = argparse.ArgumentParser(prog="fusion-dist export", description="trainable weights + config of a run's best checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=None, help="which seed's best checkpoint (default: best validation MAE)")
+    args = p.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise UserError(f"{run_dir}: not a run directory (no {CONFIG})")
+    cfg = from_yaml((run_dir / CONFIG).read_text())
+    stage, ckpt = best_checkpoint(run_dir, args.seed)
+    from fusion_dist.data import read_manifest
+
+    write_export(Path(args.out), cfg, stage, load_file(str(ckpt)), read_manifest(cfg.data.root))
+    print(f"exported {ckpt.parent} ({stage}) to {args.out}")
+    return 0
+
+
+def _jsonl_samples(path: Path) -> list[dict]:
+    samples = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            sample = {"id": str(row["id"]), "raw_text": str(row["text"]), "label": float(row.get("label", "nan"))}
+            for m in ("audio", "vision"):
+                f = Path(row[m]) if Path(row[m]).is_absolute() else path.parent / row[m]
+                sample[m] = np.nan_to_num(np.load(f).astype(np.float32), neginf=0.0, posinf=0.0)
+        except (ValueError, KeyError, OSError) as exc:
+            raise UserError(f"{path}:{n}: bad row ({type(exc).__name__}: {exc}); need id, text, audio, vision") from exc
+        samples.append(sample)
+    if not samples:
+        raise UserError(f"{path}: no rows")
+    return samples
+
+
+def main_predict(argv: list[str]) -> int:
+    from fusion_dist.data import Collator, ShardDataset
+    from fusion_dist.train.trainer import predict_module, write_predictions
+
+    p = argparse.ArgumentParser(prog="fusion-dist predict", description="predictions of an exported model")
+    p.add_argument("export_dir")
+    p.add_argument("data", help="shard root (with --split) or a JSONL of id,text,audio,vision(.npy paths)[,label]")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", default=None, help="CSV path (default: predictions-<split>.csv in the current directory)")
+    p.add_argument("--backbone", default=None, help="backbone directory, if it moved since training")
+    p.add_argument("--batch-size", type=int, default=64)
+    args = p.parse_args(argv)
+    model, meta, cfg = load_export(args.export_dir, args.backbone)
+    data = Path(args.data)
+    if data.suffix == ".jsonl":
+        samples = _jsonl_samples(data)
+        dims = {m: samples[0][m].shape[1] for m in ("audio", "vision")}
+        name = data.stem
+    else:
+        ds = ShardDataset(args.data, args.split)
+        samples = [ds[i] for i in range(len(ds))]
+        dims = ds.dims
+        name = args.split
+    want = {m: meta["features"][m]["dim"] for m in ("audio", "vision")}
+    if dims != want:
+        raise UserError(f"{args.data}: feature dims {dims} differ from the model's {want}")
+    collator = Collator(getattr(model, "tokenizer", None), cfg.data.max_text_tokens)
+    ids, preds, labels = predict_module(model, samples, collator, args.batch_size)
+    out = Path(args.out or f"predictions-{name}.csv")
+    write_predictions(out, ids, preds, labels)
+    print(f"wrote {len(ids)} predictions to {out}")
+    return 0

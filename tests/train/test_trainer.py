@@ -1,0 +1,185 @@
+"""Integration tests of the training engine: the real CLI, launched on 1 rank or with the ``deepspeed``
+launcher on 2 CPU ranks (gloo)."""
+
+import csv
+import json
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import base_args, history, popen_cli, run_cli
+
+pytestmark = pytest.mark.slow
+
+# dropout 0, no BatchNorm, no token-averaged LM term: a sample's loss does not depend on the ranks or
+# micro-batches it shares
+EXACT = ["model.av.batchnorm=false", "model.loss.lambda_lm=0", "train.epochs=2", "train.global_batch_size=16", "train.micro_batch_size=4",
+         "train.checkpoint_every_steps=3", "train.keep_last=10"]
+
+
+def last_weights(run_dir: Path) -> dict:
+    ck = run_dir / "checkpoints/seed0"
+    return load_file(str(ck / (ck / "latest").read_text().strip() / "trainable.safetensors"))
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in history(run_dir)}
+
+
+@pytest.fixture(scope="session")
+def ref_run(engine_inputs, tmp_path_factory):
+    """Uninterrupted 2-rank ZeRO-2 run: the reference for resume, evaluation and batch-equivalence tests."""
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    r = run_cli("train", base_args(engine_inputs, run_dir, *EXACT, "train.zero_stage=2"), ranks=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return run_dir
+
+
+def _ranks(launcher: psutil.Process) -> list[psutil.Process]:
+    # the rank processes (the launcher passes them --local_rank=N), not the launcher's own processes
+    return [p for p in launcher.children(recursive=True) if any(a.startswith("--local_rank=") for a in p.cmdline())]
+
+
+def _wait_for_checkpoint(run_dir: Path, proc, min_step: int, timeout: float = 240) -> None:
+    latest = run_dir / "checkpoints/seed0/latest"
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if latest.is_file() and int(latest.read_text().strip()[4:]) >= min_step:
+            return
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint in time")
+
+
+def test_preempt_kill_and_resume_match_uninterrupted_run(engine_inputs, ref_run, tmp_path):
+    run_dir = tmp_path / "run"
+    args = base_args(engine_inputs, run_dir, *EXACT, "train.zero_stage=2")
+    # 1. preemption signal mid-epoch: finish the step, save, exit 85
+    proc = popen_cli("train", args, ranks=2)
+    _wait_for_checkpoint(run_dir, proc, 3)
+    for p in _ranks(psutil.Process(proc.pid)):
+        p.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 85, out[-3000:]
+    assert "preempted; saved step" in out
+    # 2. rerun resumes; then one rank is SIGKILLed: the whole job exits non-zero within a bound
+    proc = popen_cli("train", args, ranks=2)
+    _wait_for_checkpoint(run_dir, proc, 6)
+    victim = [p for p in _ranks(psutil.Process(proc.pid))][-1]
+    victim.kill()
+    t0 = time.monotonic()
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.monotonic() - t0 < 60, out[-3000:]
+    assert "resumed from step" in out
+    assert not (run_dir / "metrics.json").exists()
+    # 3. rerun resumes and finishes with the uninterrupted run's losses and weights
+    r = run_cli("train", args, ranks=2)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "resumed from step" in r.stdout
+    assert losses(run_dir) == pytest.approx(losses(ref_run), rel=1e-6, abs=1e-7)
+    a, b = last_weights(run_dir), last_weights(ref_run)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    assert json.loads((run_dir / "metrics.json").read_text())["mean"]["test"] == pytest.approx(
+        json.loads((ref_run / "metrics.json").read_text())["mean"]["test"], rel=1e-5)
+
+
+def test_run_dir_layout_and_export_predict(engine_inputs, ref_run, tmp_path):
+    for name in ("config.yaml", "ds_config.json", "metrics.json", "predictions/test.csv", "predictions/valid.csv",
+                 "export/model.safetensors", "export/config.yaml", "export/export.json"):
+        assert (ref_run / name).is_file(), name
+    ds = json.loads((ref_run / "ds_config.json").read_text())
+    assert ds["gradient_accumulation_steps"] == 2 and ds["zero_optimization"]["stage"] == 2
+    # keep_last=10 keeps all; the run saved every 3 steps and at epoch ends
+    assert (ref_run / "checkpoints/seed0/latest").read_text().startswith("step")
+    out = tmp_path / "exp"
+    r = run_cli("export", [str(ref_run), str(out)])
+    assert r.returncode == 0, r.stderr
+    pred = tmp_path / "p.csv"
+    r = run_cli("predict", [str(out), str(engine_inputs[0]), "--split", "test", "--out", str(pred)])
+    assert r.returncode == 0, r.stderr
+    mine = list(csv.DictReader(pred.open()))
+    theirs = list(csv.DictReader((ref_run / "predictions/test.csv").open()))
+    assert [row["id"] for row in mine] == [row["id"] for row in theirs]
+    for x, y in zip(mine, theirs):
+        assert float(x["prediction"]) == pytest.approx(float(y["prediction"]), abs=1e-5)
+    # a different backbone at the recorded path is refused
+    other = tmp_path / "bb2"
+    assert run_cli("make-backbone", ["--arch", "gpt2", "--preset", "tiny", "--seed", "1", "--out", str(other)]).returncode == 0
+    r = run_cli("predict", [str(out), str(engine_inputs[0]), "--backbone", str(other), "--out", str(pred)])
+    assert r.returncode == 2 and "other config or weights" in r.stderr
+
+
+def test_two_rank_evaluation_equals_one_rank(engine_inputs, ref_run, tmp_path):
+    args = base_args(engine_inputs, ref_run, *EXACT, "train.zero_stage=2", "train.eval_batch_size=5")
+    r1 = run_cli("evaluate", args, ranks=1)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    one = json.loads((ref_run / "metrics.json").read_text()), list(csv.DictReader((ref_run / "predictions/test.csv").open()))
+    r2 = run_cli("evaluate", args, ranks=2)
+    assert r2.returncode == 0, r2.stdout[-3000:]
+    two = json.loads((ref_run / "metrics.json").read_text()), list(csv.DictReader((ref_run / "predictions/test.csv").open()))
+    # same samples, once each, same order; predictions equal up to float noise from other batch padding
+    assert [(r["id"], r["label"]) for r in one[1]] == [(r["id"], r["label"]) for r in two[1]]
+    assert [float(r["prediction"]) for r in one[1]] == pytest.approx([float(r["prediction"]) for r in two[1]], abs=1e-6)
+    for split in ("valid", "test"):
+        assert one[0]["mean"][split] == pytest.approx(two[0]["mean"][split], rel=1e-6)
+    assert "Has0_acc_2" in r1.stdout
+
+
+@pytest.mark.xfail(strict=True, reason="open: step losses differ ~2% between 1 and 2 ranks; suspected cause: the "
+                   "task head's BatchNorm batch statistics depend on micro-batch composition (not yet isolated)")
+def test_one_rank_same_global_batch_matches_two_ranks(engine_inputs, ref_run, tmp_path):
+    run_dir = tmp_path / "run1"
+    r = run_cli("train", base_args(engine_inputs, run_dir, *EXACT, "train.zero_stage=2"), ranks=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "accumulation 4 x world 1" in r.stdout
+    assert losses(run_dir) == pytest.approx(losses(ref_run), rel=1e-4)
+    m1 = json.loads((run_dir / "metrics.json").read_text())["mean"]["test"]
+    m2 = json.loads((ref_run / "metrics.json").read_text())["mean"]["test"]
+    assert m1["MAE"] == pytest.approx(m2["MAE"], rel=1e-3)
+
+
+@pytest.mark.parametrize("stage", ["0", "1", pytest.param("3", marks=pytest.mark.xfail(
+    strict=True, reason="open: under ZeRO-3 the DeepMLF forward reads a partitioned weight outside its module's "
+    "forward (size-0 tensor); needs a fix in the models' backbone adapter")), "2+offload"])
+def test_zero_stages_train_and_agree(engine_inputs, ref_run, tmp_path, stage):
+    extra = ["train.zero_stage=2", "train.offload_optimizer=true"] if stage == "2+offload" else [f"train.zero_stage={stage}"]
+    run_dir = tmp_path / "run"
+    r = run_cli("train", base_args(engine_inputs, run_dir, *EXACT, "train.epochs=1", *extra), ranks=2)
+    assert r.returncode == 0, r.stdout[-4000:]
+    mine, ref = losses(run_dir), losses(ref_run)
+    first = sorted(mine)[:3]
+    assert [mine[s] for s in first] == pytest.approx([ref[s] for s in first], rel=1e-4)
+    assert (run_dir / "metrics.json").is_file()
+
+
+BAD = [
+    (["train.global_batch_size=10"], "global_batch_size=10 is not a positive multiple"),
+    (["model.av.init=pretrained+tune"], "model.av.checkpoint"),
+    (["model.backbone=/nonexistent/bb"], "model.backbone"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD)
+def test_bad_input_is_refused_before_writing(engine_inputs, tmp_path, extra, message):
+    run_dir = tmp_path / "run"
+    r = run_cli("train", base_args(engine_inputs, run_dir, *extra))
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    assert not run_dir.exists()
+
+
+def test_data_root_without_manifest(engine_inputs, tmp_path):
+    r = run_cli("train", base_args(engine_inputs, tmp_path / "run", f"data.root={tmp_path}"))
+    assert r.returncode == 2 and "manifest" in r.stderr
+
+
+def test_resume_with_changed_model_config_names_keys(engine_inputs, ref_run):
+    r = run_cli("train", base_args(engine_inputs, ref_run, *EXACT, "model.n_fusion=5", "model.head_hidden=8"))
+    assert r.returncode == 2
+    assert "model.n_fusion: 3 -> 5" in r.stderr and "model.head_hidden: 16 -> 8" in r.stderr
