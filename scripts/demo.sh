@@ -44,7 +44,8 @@ PY
 # without a GPU). On a GPU box the same commands use one rank per GPU.
 RANKS=${DEMO_RANKS:-2}
 launch() { OMP_NUM_THREADS=1 .venv/bin/deepspeed --num_gpus "$RANKS" --master_port "${DEMO_PORT:-29561}" .venv/bin/fusion-dist "$@"; }
-COMMON=(data.root="$OUT/shards/mosi" model.backbone="$OUT/backbone" tracking.enabled=false)
+# No tracking URI set: each run tracks into the MLflow store inside its run directory.
+COMMON=(data.root="$OUT/shards/mosi" model.backbone="$OUT/backbone")
 
 step "5. tiny random Llama backbone"
 [ -f "$OUT/backbone/config.json" ] || $FD make-backbone --arch llama --preset tiny --out "$OUT/backbone"
@@ -60,3 +61,10 @@ launch train configs/demo/deepmlf_tiny.yaml "${COMMON[@]}" run.dir="$OUT/runs/de
 step "8. evaluate the best checkpoint (test metrics table)"
 $FD evaluate configs/demo/deepmlf_tiny.yaml "${COMMON[@]}" run.dir="$OUT/runs/deepmlf_tiny" \
   model.av.init=pretrained+tune model.av.checkpoint="$OUT/runs/av_pretrain/export"
+
+step "9. register the model in MLflow (pyfunc; alias @champion if its test MAE is the best so far)"
+$FD register "$OUT/runs/deepmlf_tiny"
+
+echo
+echo "Demo finished. Look at the runs and the registered model in the MLflow UI:"
+echo "  .venv/bin/mlflow ui --backend-store-uri sqlite:///$(cd "$OUT" && pwd)/runs/deepmlf_tiny/mlflow.db"
