@@ -100,19 +100,29 @@ class ShardDataset(torch.utils.data.Dataset):
 class RankSampler(torch.utils.data.Sampler[int]):
     """This rank's indices of a split of ``n`` rows.
 
-    ``shuffle=True`` (training): a permutation drawn from ``seed + epoch`` (call ``set_epoch``), split
-    round-robin so ranks are disjoint; every rank gets the same count so ranks step together (the last
-    few indices are repeated from the start of the permutation, or dropped with ``drop_last``).
-    ``shuffle=False`` (evaluation): indices ``rank, rank + world, ...`` -- every index exactly once across
-    ranks, no padding, so counts may differ by one (``drop_last`` truncates to equal counts instead).
+    The split's order is cut into chunks of ``chunk`` consecutive indices dealt round-robin to the
+    ranks: rank ``r`` gets chunks ``r, r + world, ...``. With ``chunk`` = the micro-batch size, micro-batch
+    ``a`` of optimizer step ``s`` on rank ``r`` is ``order[s*G + (a*world + r)*chunk :][:chunk]`` for a
+    global batch ``G``, so every step consumes the same ``G`` samples *in the same micro-batches* whatever
+    the world size (1 rank with ``world`` x the accumulation sees exactly the micro-batches ``world``
+    ranks see; BatchNorm batch statistics and gradients match).
+
+    ``shuffle=True`` (training): the order is a permutation drawn from ``seed + epoch`` (call
+    ``set_epoch``); ranks are disjoint and get the same count so they step together: the order is
+    padded to whole rounds of ``chunk x world`` by repeating its start, or cut to whole rounds with
+    ``drop_last``. ``shuffle=False`` (evaluation): ``0..n-1``, every index exactly once across ranks,
+    no padding, so counts may differ by up to ``chunk`` (``drop_last`` cuts to equal counts instead).
     ``start_at(k)`` skips the first ``k`` indices of the next iteration (mid-epoch resume); later
     iterations are whole again.
     """
 
-    def __init__(self, n: int, rank: int, world: int, shuffle: bool, seed: int, drop_last: bool = False):
+    def __init__(self, n: int, rank: int, world: int, shuffle: bool, seed: int, drop_last: bool = False,
+                 chunk: int = 1):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} not in [0, {world})")
-        self.n, self.rank, self.world = n, rank, world
+        if chunk < 1:
+            raise ValueError(f"chunk {chunk} must be >= 1")
+        self.n, self.rank, self.world, self.chunk = n, rank, world, chunk
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch, self.skip = 0, 0
 
@@ -124,14 +134,17 @@ class RankSampler(torch.utils.data.Sampler[int]):
 
     def indices(self) -> list[int]:
         """This rank's whole order for the current epoch (ignores ``start_at``)."""
+        round_size = self.chunk * self.world
         if self.shuffle:
             order = np.random.default_rng(self.seed + self.epoch).permutation(self.n).tolist()
-            per_rank = self.n // self.world if self.drop_last else -(-self.n // self.world)
-            order = (order * (1 + per_rank * self.world // max(1, self.n)))[: per_rank * self.world]
+            rounds = self.n // round_size if self.drop_last else -(-self.n // round_size)
+            order = (order * (1 + rounds * round_size // max(1, self.n)))[: rounds * round_size]
         else:
-            per_rank = self.n // self.world
-            order = list(range(self.n))[: per_rank * self.world] if self.drop_last else list(range(self.n))
-        return order[self.rank :: self.world]
+            order = list(range(self.n))
+            if self.drop_last:
+                order = order[: self.n // round_size * round_size]
+        starts = range(self.rank * self.chunk, len(order), round_size)
+        return [i for start in starts for i in order[start : start + self.chunk]]
 
     def __iter__(self) -> Iterator[int]:
         order, self.skip = self.indices()[self.skip :], 0

@@ -35,6 +35,29 @@ def test_train_sampler_disjoint_equal_and_reshuffled(n, world, drop_last):
     assert [list(s) for s in samplers] != parts
 
 
+@pytest.mark.parametrize("n", [48, 53])
+def test_train_sampler_same_micro_batches_on_any_world_size(n):
+    """Micro-batch a of step s on rank r is order[s*G + (a*W + r)*m :][:m]: a step's micro-batches are the
+    same whether 1 rank accumulates them all or W ranks share them."""
+    m, global_batch = 3, 12
+
+    def steps(world):
+        accum = global_batch // (m * world)
+        ranks = [RankSampler(n, r, world, shuffle=True, seed=7, drop_last=True, chunk=m).indices() for r in range(world)]
+        micro = [[idx[i : i + m] for i in range(0, len(idx), m)] for idx in ranks]
+        n_steps = len(micro[0]) // accum
+        return [sorted(tuple(mb) for r in range(world) for mb in micro[r][s * accum : (s + 1) * accum])
+                for s in range(n_steps)]
+
+    one = steps(1)
+    assert len(one) == n // global_batch  # the incomplete final global batch is dropped
+    assert steps(2) == one and steps(4) == one
+    order = np.random.default_rng(7).permutation(n).tolist()
+    assert RankSampler(n, 1, 2, shuffle=True, seed=7, drop_last=True, chunk=m).indices()[:m] == order[m : 2 * m]
+    parts = [list(RankSampler(n, r, 2, shuffle=False, seed=0, chunk=m)) for r in range(2)]
+    assert sorted(sum(parts, [])) == list(range(n))  # evaluation: exactly once with chunks too
+
+
 def test_start_at_resumes_mid_epoch():
     s = RankSampler(20, 1, 2, shuffle=True, seed=0)
     s.set_epoch(3)

@@ -5,9 +5,12 @@
     fusion-dist evaluate CONFIG [key=value ...]      # metrics of each seed's best checkpoint
     launched by any launcher, e.g.  deepspeed --num_gpus 2 $(which fusion-dist) train CONFIG
 
-A step is one optimizer step over the global batch (micro-batch x accumulation x world size). Each
-epoch takes ``rank_samples // (micro x accum)`` steps; the last few samples of a rank's shuffled order
-are left for the next epoch's shuffle, so every step is whole and a step number fixes the data position.
+A step is one optimizer step over the global batch G (micro-batch x accumulation x world size): step s
+of an epoch takes samples ``s*G .. (s+1)*G`` of the epoch's permutation, cut into micro-batches dealt
+round-robin to the ranks (``RankSampler(chunk=micro)``), so the same config run on 1 rank (accumulation x
+world) or on N ranks trains on the same micro-batches and takes the same steps. Each epoch takes
+``n_train // G`` steps; the incomplete final global batch is dropped (its samples come back in the next
+epoch's shuffle), so every step is whole and a step number fixes the data position.
 
 Run directory (SPEC 7)::
 
@@ -293,7 +296,8 @@ class SeedRun:
             model = build_for_stage(cfg, self.stage, self.dims["audio"], self.dims["vision"])
         collator = Collator(getattr(model, "tokenizer", None), cfg.data.max_text_tokens)
         accum = self.ds_config["gradient_accumulation_steps"]
-        sampler = RankSampler(len(data["train"]), denv.rank, denv.world_size, shuffle=True, seed=self.seed)
+        sampler = RankSampler(len(data["train"]), denv.rank, denv.world_size, shuffle=True, seed=self.seed,
+                              drop_last=True, chunk=t.micro_batch_size)
         steps_per_epoch = len(sampler) // (t.micro_batch_size * accum)
         if steps_per_epoch == 0:
             raise UserError(
@@ -323,8 +327,6 @@ class SeedRun:
             _set_rng_state(client["rng"][denv.rank])
             log.info(f"seed {self.seed}: resumed from {tag} (epoch {state['epoch']}, step "
                      f"{state['step_in_epoch']} of {steps_per_epoch} in the epoch, global step {state['global_step']})")
-        else:
-            torch.manual_seed(self.seed * 1000 + denv.rank)  # independent dropout/augmentation noise per rank
         state["tracking"]["child"] = self.tracker.start_child(self.seed, state["tracking"]["child"])
         history = self.run_dir / "logs" / f"seed{self.seed}.jsonl"
         if denv.is_main:
@@ -350,7 +352,11 @@ class SeedRun:
             window = {"t0": time.perf_counter(), "steps": 0, "terms": {}}
             while state["step_in_epoch"] < steps_per_epoch:
                 terms: dict[str, float] = {}
-                for _ in range(accum):
+                for a in range(accum):
+                    # dropout/augmentation noise drawn from the micro-batch's position in the epoch, not
+                    # from the rank: the same micro-batch gets the same noise on any number of ranks
+                    micro = (state["step_in_epoch"] * accum + a) * denv.world_size + denv.rank
+                    torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, micro]).generate_state(1)[0]))
                     out = engine(_to_device(next(batches), engine.device))
                     engine.backward(out.loss)
                     engine.step()

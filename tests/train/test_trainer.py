@@ -132,17 +132,21 @@ def test_two_rank_evaluation_equals_one_rank(engine_inputs, ref_run, tmp_path):
     assert "Has0_acc_2" in r1.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="open: step losses differ ~2% between 1 and 2 ranks; suspected cause: the "
-                   "task head's BatchNorm batch statistics depend on micro-batch composition (not yet isolated)")
 def test_one_rank_same_global_batch_matches_two_ranks(engine_inputs, ref_run, tmp_path):
+    """World-size-aware batch settings: the same global and micro batch on 1 rank derive twice the
+    accumulation, the sampler deals the same micro-batches and each micro-batch draws the same dropout
+    noise, so BatchNorm batch statistics, gradients and therefore every step's loss match the 2-rank run
+    up to float summation order. (Evaluation metrics are not compared: evaluation uses BatchNorm running
+    statistics, which each rank accumulates over its own micro-batches only, and the checkpoint keeps
+    rank 0's; they differ by ~1% on this 20-sample validation split.)"""
     run_dir = tmp_path / "run1"
     r = run_cli("train", base_args(engine_inputs, run_dir, *EXACT, "train.zero_stage=2"), ranks=1)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "accumulation 4 x world 1" in r.stdout
-    assert losses(run_dir) == pytest.approx(losses(ref_run), rel=1e-4)
-    m1 = json.loads((run_dir / "metrics.json").read_text())["mean"]["test"]
-    m2 = json.loads((ref_run / "metrics.json").read_text())["mean"]["test"]
-    assert m1["MAE"] == pytest.approx(m2["MAE"], rel=1e-3)
+    assert json.loads((ref_run / "ds_config.json").read_text())["gradient_accumulation_steps"] == 2
+    one, two = losses(run_dir), losses(ref_run)
+    assert sorted(one) == sorted(two)  # the same steps (the incomplete final global batch dropped on both)
+    assert one == pytest.approx(two, rel=1e-4)
 
 
 @pytest.mark.parametrize("stage", ["0", "1", pytest.param("3", marks=pytest.mark.xfail(
