@@ -7,20 +7,23 @@ seven stream vectors, or the concat-MLP baseline.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 
-@dataclass
-class ModelOutput:
+class ModelOutput(NamedTuple):
     """What every model's forward returns (the trainer's contract).
 
     prediction: (B,) sentiment scores. loss: weighted total, requires grad. losses: unweighted terms, detached.
     hidden_states: final (post-norm) LM states (B, T + fusion, d) in the internal layout [left-aligned text |
     fusion groups]; text_mask: (B, T) real text tokens in that layout (both None for the AV pretrainer).
+
+    A named tuple, not a dataclass, because ZeRO-3 must see these tensors: DeepSpeed re-gathers a module's
+    partitioned parameters for backward through hooks on the tensors its forward returns (it walks tuples
+    and dicts only). Without them the parameters the model owns directly (the fusion tokens) would still be
+    partitioned (size 0) when autograd reaches them.
     """
 
     prediction: torch.Tensor

@@ -149,9 +149,7 @@ def test_one_rank_same_global_batch_matches_two_ranks(engine_inputs, ref_run, tm
     assert one == pytest.approx(two, rel=1e-4)
 
 
-@pytest.mark.parametrize("stage", ["0", "1", pytest.param("3", marks=pytest.mark.xfail(
-    strict=True, reason="open: under ZeRO-3 the DeepMLF forward reads a partitioned weight outside its module's "
-    "forward (size-0 tensor); needs a fix in the models' backbone adapter")), "2+offload"])
+@pytest.mark.parametrize("stage", ["0", "1", "3", "2+offload"])
 def test_zero_stages_train_and_agree(engine_inputs, ref_run, tmp_path, stage):
     extra = ["train.zero_stage=2", "train.offload_optimizer=true"] if stage == "2+offload" else [f"train.zero_stage={stage}"]
     run_dir = tmp_path / "run"
