@@ -163,6 +163,21 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over ranks, in place.
+
+    DeepSpeed synchronises gradients, not buffers: each rank's running statistics have seen only its own
+    micro-batches. Averaging them before evaluation and checkpointing makes every rank hold the same model
+    and brings a W-rank run's statistics close to a 1-rank run's over the same micro-batches.
+    """
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            tdist.all_reduce(buf)
+            buf.div_(tdist.get_world_size())
+
+
 def barrier() -> None:
     if tdist.is_initialized() and tdist.get_world_size() > 1:
         tdist.barrier()

@@ -375,6 +375,7 @@ class SeedRun:
                         and state["step_in_epoch"] < steps_per_epoch:
                     save(f"step{step}")
             # epoch end: validate, early stopping, checkpoint
+            dist.average_buffers(engine.module)
             engine.eval()
             ids, preds, labels = evaluate_split(engine, data["valid"], collator, t.eval_batch_size, denv)
             valid = mmsa_metrics(preds, labels, self.manifest.get("metrics", "mosi"))
