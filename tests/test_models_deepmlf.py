@@ -43,6 +43,17 @@ def test_text_states_do_not_depend_on_av(backbones, arch):
     assert (a.hidden_states[:, T:] - b.hidden_states[:, T:]).abs().max() > 1e-3  # fusion tokens do see AV
 
 
+def test_without_mm_blocks_the_model_is_text_only(backbones):
+    model = build(backbones, "llama", mm_layers=[])
+    assert not any(p.requires_grad for p in model.av_encoder.parameters())
+    batch = make_batch(model.tokenizer)
+    other = dict(batch, audio=torch.randn_like(batch["audio"]) * 5, vision=torch.randn_like(batch["vision"]))
+    with torch.no_grad():
+        a, b = model(batch), model(other)
+    torch.testing.assert_close(a.prediction, b.prediction, rtol=0, atol=0)
+    assert "av" not in a.losses
+
+
 @pytest.mark.parametrize("kernel", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_closed_gates_give_the_plain_lm(backbones, arch, kernel):

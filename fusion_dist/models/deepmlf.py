@@ -8,6 +8,10 @@
 Z is the AV encoder's output; x_t,K the last real text token; <.> a mean over real steps / fusion tokens.
 Text tokens never attend to fusion tokens, so text states carry no AV information unless the GCA-query
 ablation ("text", "text+fusion") sends text tokens into the cross-attention on purpose.
+
+Without MM blocks (``mm_layers: []``) nothing can carry AV into the LM, so the model is the text-only
+baseline: the task head reads [x_t,K || <x_f>] alone, there is no AV auxiliary head, and the (unused) AV
+encoder is frozen so it never reaches the optimizer, checkpoints or exports.
 """
 
 from __future__ import annotations
@@ -33,22 +37,26 @@ class DeepMLF(FusionLM):
         self.av_encoder = AVEncoder({"audio": audio_dim, "vision": vision_dim}, cfg.av)
         for i in cfg.mm_layers:
             self.mm_blocks[str(i)] = MMBlock(self.adapter, i, {"av": d_av}, cfg)
-        self.task_head = regression_head(2 * d + d_av, cfg.head_hidden, cfg.dropout)
-        self.aux_weights = {"av": cfg.loss.lambda_av, "t": cfg.loss.lambda_t, "f": cfg.loss.lambda_f}
+        self.uses_av = bool(cfg.mm_layers)
+        if not self.uses_av:  # never run: kept only so data/checkpoint plumbing sees the same model
+            self.av_encoder.requires_grad_(False)
+        self.task_head = regression_head(2 * d + d_av * self.uses_av, cfg.head_hidden, cfg.dropout)
+        self.aux_weights = {"av": cfg.loss.lambda_av * self.uses_av, "t": cfg.loss.lambda_t, "f": cfg.loss.lambda_f}
         dims = {"av": d_av, "t": d, "f": d}
         self.aux_heads = AuxHeads({k: dims[k] for k, w in self.aux_weights.items() if w > 0})
 
     def forward(self, batch: dict) -> ModelOutput:
         input_ids, text_valid = self.text_input(batch)
         T, n_f = input_ids.shape[1], self.cfg.n_fusion
-        z, z_mask = self.av_encoder(batch, self.dtype)
-        queries = {"fusion": slice(T, T + n_f), "text": slice(0, T), "text+fusion": slice(0, T + n_f)}
-        h = self.run_lm(
-            input_ids, text_valid, [self.fusion_tokens], SEES,
-            queries={"av": queries[self.cfg.gca_queries]}, contexts={"av": (z, z_mask)},
-        )
-        features = {"av": masked_mean(z, z_mask), "t": last_real(h[:, :T], text_valid), "f": h[:, T:].mean(1)}
-        prediction = self.task_head(torch.cat([features["av"], features["t"], features["f"]], -1)).squeeze(-1)
+        queries, contexts, features = {}, {}, {}
+        if self.uses_av:
+            z, z_mask = self.av_encoder(batch, self.dtype)
+            spans = {"fusion": slice(T, T + n_f), "text": slice(0, T), "text+fusion": slice(0, T + n_f)}
+            queries, contexts = {"av": spans[self.cfg.gca_queries]}, {"av": (z, z_mask)}
+            features["av"] = masked_mean(z, z_mask)
+        h = self.run_lm(input_ids, text_valid, [self.fusion_tokens], SEES, queries=queries, contexts=contexts)
+        features.update(t=last_real(h[:, :T], text_valid), f=h[:, T:].mean(1))
+        prediction = self.task_head(torch.cat(list(features.values()), -1)).squeeze(-1)
         aux = self.aux_heads(features, self.aux_heads.heads.keys())
         lm_term = self.lm_loss(h[:, :T], input_ids, text_valid) if self.cfg.loss.lambda_lm > 0 else None
         loss, losses = self.total_loss(prediction, aux, self.aux_weights, batch["label"], lm_term)
