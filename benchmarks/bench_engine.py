@@ -141,9 +141,9 @@ def memory(backbone_preset: str = "gpt2-base") -> dict:
             total = sum(p.ds_numel for p in engine.module.parameters())
             largest = max(p.ds_numel for p in engine.module.parameters())
             trainable = sum(p.ds_numel for p in engine.module.parameters() if p.requires_grad)
-            est_all, _, _ = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=denv.world_size,
+            _, est_all, _ = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=denv.world_size,
                                                                   num_nodes=1, cpu_offload=False)
-            est_trainable, _, _ = estimate_zero3_model_states_mem_needs(trainable, largest,
+            _, est_trainable, _ = estimate_zero3_model_states_mem_needs(trainable, largest,
                                                                         num_gpus_per_node=denv.world_size, num_nodes=1,
                                                                         cpu_offload=False)
             out["params_total"], out["params_trainable"] = total, trainable
