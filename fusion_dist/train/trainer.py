@@ -336,6 +336,10 @@ class SeedRun:
             _atomic_write(history, "".join(ln + "\n" for ln in kept))
 
         def save(tag: str) -> None:
+            # A checkpoint keeps rank 0's module state, so the ranks' BatchNorm statistics must agree first
+            # for a resumed run to continue like an uninterrupted one (the running averages are linear, so
+            # averaging them early does not change the average taken at the epoch end).
+            dist.average_buffers(engine.module)
             client = {**state, "world_size": denv.world_size, "rng": dist.all_gather_object(_rng_state())}
             self.ckpt.save(engine, tag, client, state["early_stopping"]["best_tag"], denv)
 
