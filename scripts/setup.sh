@@ -36,5 +36,19 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing fusion-dist and its dependencies (a few minutes the first time)"
 "$PY" -m pip install -q -e ".[dev]"
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  # DeepSpeed compiles these C++ ops the first time a CPU run needs them (the shared-memory all-reduce
+  # on every multi-rank start, CPU Adam under optimizer offload): minutes on a small machine, paid here
+  # once instead of inside the first training run. They are cached in ~/.cache/torch_extensions.
+  echo "[setup] building DeepSpeed's CPU ops (shared-memory all-reduce, CPU Adam; once, a few minutes)"
+  "$PY" - <<'PY' || echo "[setup] warning: DeepSpeed's CPU ops did not build; runs will try again when they need them"
+from deepspeed.accelerator import get_accelerator
+
+acc = get_accelerator()
+if acc.device_name() == "cpu":
+    for name in ("ShareMemCommBuilder", "CPUAdamBuilder"):
+        acc.create_op_builder(name).load(verbose=False)
+PY
+fi
 echo "$want" >"$stamp"
 echo "[setup] done: $("$PY" -c 'import torch, deepspeed, transformers; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}")')"

@@ -79,18 +79,44 @@ class SlurmCluster:
                 return job
             if time.monotonic() > deadline:
                 self.run("scancel", str(job_id), check=False)
-                pytest.fail(f"job {job_id} still {job['JobState']} after {timeout:.0f} s:\n{self.log(job_id)}")
+                pytest.fail(f"job {job_id} still {job['JobState']} after {timeout:.0f} s; log ends:\n"
+                            f"{self.log(job_id, 60)}")
             time.sleep(0.5)
 
     def release_requeued(self, job_id: int, timeout: float = 60) -> None:
-        """A requeued job waits about 2 minutes before it may start again; make it eligible now."""
+        """Start a requeued job now instead of after Slurm's delay (about 2 minutes, the credential lifetime).
+
+        The delay exists because a node refuses to launch a job whose previous run it is still tearing
+        down ("Job credential revoked"): wait until no step daemon of the old run is left, and one more
+        second, as credentials are compared by their creation time in whole seconds.
+        """
         self.wait(job_id, timeout, lambda j: j["JobState"] == "PENDING" and int(j["Restarts"]) >= 1)
+        deadline = time.monotonic() + timeout
+        while step_daemons(job_id):
+            assert time.monotonic() < deadline, f"job {job_id}: the requeued run's steps did not end"
+            time.sleep(0.2)
+        time.sleep(1.1)
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
-    def log(self, job_id: int) -> str:
+    def log(self, job_id: int, tail: int | None = None) -> str:
+        """The job's log, or its last ``tail`` lines (failure messages: the end says why)."""
         path = Path(self.job(job_id)["StdOut"])
-        return path.read_text(errors="replace") if path.is_file() else f"(no log at {path})"
+        text = path.read_text(errors="replace") if path.is_file() else f"(no log at {path})"
+        return "\n".join(text.splitlines()[-tail:]) if tail else text
 
+
+
+def step_daemons(job_id: int) -> list[int]:
+    """slurmstepd processes still serving a job (its batch, extern and numbered steps), on any node."""
+    prefix = f"slurmstepd: [{job_id}.".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(prefix):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
 
 
 def rank_pids(job_id: int, node: str | None = None) -> list[int]:

@@ -61,7 +61,7 @@ def submit(cluster, inputs: Path, run_dir: Path, *sbatch_args: str, data: Path |
 
 def completed(cluster, job_id: int, timeout: float = JOB_TIMEOUT) -> dict:
     job = cluster.wait(job_id, timeout)
-    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), cluster.log(job_id)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), f"log ends:\n{cluster.log(job_id, 60)}"
     return job
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import f1_score
 
 MOSI_NAMES = ["Has0_acc_2", "Has0_F1_score", "Non0_acc_2", "Non0_F1_score", "Mult_acc_5", "Mult_acc_7", "MAE", "Corr"]
 SIMS_NAMES = ["Mult_acc_2", "Mult_acc_3", "Mult_acc_5", "F1_score", "MAE", "Corr"]
@@ -35,7 +34,18 @@ def _acc(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _weighted_f1(truth: np.ndarray, pred: np.ndarray) -> float:
-    return float(f1_score(truth, pred, average="weighted")) if len(truth) else math.nan
+    """sklearn's ``f1_score(truth, pred, average="weighted")`` (what MMSA calls), without importing
+    scikit-learn and SciPy into every rank: per-class F1 = 2 TP / (2 TP + FP + FN), 0 for a class never
+    predicted correctly, averaged with the classes' support in ``truth`` as weights."""
+    if not len(truth):
+        return math.nan
+    classes, support = np.unique(truth, return_counts=True)
+    f1 = []
+    for c in classes:
+        tp = np.sum((pred == c) & (truth == c))
+        wrong = np.sum((pred == c) != (truth == c))  # FP + FN
+        f1.append(2 * tp / (2 * tp + wrong))
+    return float(np.average(f1, weights=support))
 
 
 def _mosi(p: np.ndarray, t: np.ndarray) -> dict[str, float]:

@@ -1,5 +1,5 @@
 """Shared, session-scoped inputs of the engine tests: one prepared dataset, one tiny backbone, and
-helpers that launch the real CLI on 1 rank or on 2 CPU ranks with the ``deepspeed`` launcher."""
+helpers that launch the real CLI on 1 rank or on 2 CPU ranks (torchrun or the ``deepspeed`` launcher)."""
 
 import json
 import os
@@ -27,19 +27,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(sub: str, args: list[str], ranks: int) -> list[str]:
+def command(sub: str, args: list[str], ranks: int, launcher: str = "torchrun") -> list[str]:
+    """The CLI on 1 rank, or on ``ranks`` local ranks under torchrun (quicker to start, as it does not import
+    DeepSpeed itself) or the ``deepspeed`` launcher (the demo's)."""
     if ranks == 1:
         return [FD, sub, *args]
-    return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), FD, sub, *args]
+    if launcher == "deepspeed":
+        return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), FD, sub, *args]
+    return [str(BIN / "torchrun"), "--nproc-per-node", str(ranks), "--master-port", str(free_port()),
+            "-m", "fusion_dist.cli", sub, *args]
 
 
-def run_cli(sub: str, args: list[str], ranks: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(command(sub, args, ranks), env=_env(), capture_output=True, text=True, timeout=timeout)
+def run_cli(sub: str, args: list[str], ranks: int = 1, timeout: float = 300,
+            launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    return subprocess.run(command(sub, args, ranks, launcher), env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
 
 
-def popen_cli(sub: str, args: list[str], ranks: int) -> subprocess.Popen:
-    return subprocess.Popen(command(sub, args, ranks), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+def popen_cli(sub: str, args: list[str], ranks: int, launcher: str = "torchrun") -> subprocess.Popen:
+    return subprocess.Popen(command(sub, args, ranks, launcher), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def history(run_dir: Path, seed: int = 0) -> list[dict]:

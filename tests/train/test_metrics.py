@@ -50,6 +50,16 @@ def mmsa_sims_reference(p, t):
     return {k: round(float(v), 4) for k, v in res.items()}
 
 
+def test_weighted_f1_equals_sklearn_on_random_classes():
+    from fusion_dist.train.metrics import _weighted_f1
+
+    rng = np.random.default_rng(0)
+    for n, k in [(1, 2), (7, 2), (50, 3), (200, 5)]:
+        truth, pred = rng.integers(0, k, n), rng.integers(0, k + 1, n)  # a class only ever predicted, too
+        assert _weighted_f1(truth, pred) == pytest.approx(f1_score(truth, pred, average="weighted", zero_division=0))
+        assert _weighted_f1(truth, truth) == 1.0
+
+
 # --- hand-computed values ---
 def test_mosi_hand_computed_with_zero_label_and_half_to_even():
     t = np.array([0.0, 1.5, -2.5, 3.4, -0.4])

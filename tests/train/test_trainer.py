@@ -1,5 +1,5 @@
-"""Integration tests of the training engine: the real CLI, launched on 1 rank or with the ``deepspeed``
-launcher on 2 CPU ranks (gloo)."""
+"""Integration tests of the training engine: the real CLI, launched on 1 rank or on 2 CPU ranks (gloo) with
+torchrun; the interrupted runs use the ``deepspeed`` launcher, so resuming also crosses launchers."""
 
 import csv
 import json
@@ -60,7 +60,7 @@ def test_preempt_kill_and_resume_match_uninterrupted_run(engine_inputs, ref_run,
     run_dir = tmp_path / "run"
     args = base_args(engine_inputs, run_dir, *EXACT, "train.zero_stage=2")
     # 1. preemption signal mid-epoch: finish the step, save, exit 85
-    proc = popen_cli("train", args, ranks=2)
+    proc = popen_cli("train", args, ranks=2, launcher="deepspeed")
     _wait_for_checkpoint(run_dir, proc, 3)
     for p in _ranks(psutil.Process(proc.pid)):
         p.send_signal(signal.SIGUSR1)
@@ -68,7 +68,7 @@ def test_preempt_kill_and_resume_match_uninterrupted_run(engine_inputs, ref_run,
     assert proc.returncode == 85, out[-3000:]
     assert "preempted; saved step" in out
     # 2. rerun resumes; then one rank is SIGKILLed: the whole job exits non-zero within a bound
-    proc = popen_cli("train", args, ranks=2)
+    proc = popen_cli("train", args, ranks=2, launcher="deepspeed")
     _wait_for_checkpoint(run_dir, proc, 6)
     victim = [p for p in _ranks(psutil.Process(proc.pid))][-1]
     victim.kill()
@@ -78,7 +78,7 @@ def test_preempt_kill_and_resume_match_uninterrupted_run(engine_inputs, ref_run,
     assert "resumed from step" in out
     assert not (run_dir / "metrics.json").exists()
     # 3. rerun resumes and finishes with the uninterrupted run's losses and weights
-    r = run_cli("train", args, ranks=2)
+    r = run_cli("train", args, ranks=2, launcher="deepspeed")
     assert r.returncode == 0, r.stdout[-3000:]
     assert "resumed from step" in r.stdout
     assert losses(run_dir) == pytest.approx(losses(ref_run), rel=1e-6, abs=1e-7)
