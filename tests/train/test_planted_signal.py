@@ -39,7 +39,8 @@ def test_full_deepmlf_beats_text_only_and_av_only(tmp_path):
     logs = {name: tmp_path / f"{name}.log" for name in ("backbone", *runs)}
     procs = []
     try:
-        procs.append(start("make-backbone", ["--arch", "llama", "--preset", "tiny", "--out", str(bb)], logs["backbone"]))
+        backbone_args = ["--arch", "llama", "--preset", "tiny", "--out", str(bb)]
+        procs.append(start("make-backbone", backbone_args, logs["backbone"]))
         for sub, args in [("synth", ["--dataset", "mosi", "--samples", str(SAMPLES), "--seed", str(DATA_SEED),
                                      "--out", str(pkl)]),
                           ("prepare", [str(pkl), str(shards)])]:
