@@ -96,6 +96,8 @@ def test_run_dir_layout_and_export_predict(engine_inputs, ref_run, tmp_path):
         assert (ref_run / name).is_file(), name
     ds = json.loads((ref_run / "ds_config.json").read_text())
     assert ds["gradient_accumulation_steps"] == 2 and ds["zero_optimization"]["stage"] == 2
+    # the logged lr is the LM side's (train.lr 1e-3 with warmup and cosine), not the AV encoder's 1e-4
+    assert 1e-4 < max(r["lr"] for r in history(ref_run)) <= 1e-3
     # keep_last=10 keeps all; the run saved every 3 steps and at epoch ends
     assert (ref_run / "checkpoints/seed0/latest").read_text().startswith("step")
     out = tmp_path / "exp"
