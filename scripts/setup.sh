@@ -39,9 +39,11 @@ echo "[setup] installing fusion-dist and its dependencies (a few minutes the fir
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   # DeepSpeed compiles these C++ ops the first time a CPU run needs them (the shared-memory all-reduce
   # on every multi-rank start, CPU Adam under optimizer offload): minutes on a small machine, paid here
-  # once instead of inside the first training run. They are cached in ~/.cache/torch_extensions.
+  # once instead of inside the first training run. They are cached in ~/.cache/torch_extensions. Built
+  # with the venv's own ninja, the one every run finds on its PATH: another ninja version rewrites the
+  # build log in its own format, and the next run's ninja then rebuilds everything.
   echo "[setup] building DeepSpeed's CPU ops (shared-memory all-reduce, CPU Adam; once, a few minutes)"
-  "$PY" - <<'PY' || echo "[setup] warning: DeepSpeed's CPU ops did not build; runs will try again when they need them"
+  PATH="$(cd "$VENV/bin" && pwd):$PATH" "$PY" - <<'PY' || echo "[setup] warning: DeepSpeed's CPU ops did not build; runs will try again when they need them"
 from deepspeed.accelerator import get_accelerator
 
 acc = get_accelerator()
