@@ -105,26 +105,9 @@ class SlurmCluster:
         return "\n".join(text.splitlines()[-tail:]) if tail else text
 
 
-
-def step_daemons(job_id: int) -> list[int]:
-    """slurmstepd processes still serving a job (its batch, extern and numbered steps), on any node."""
-    prefix = f"slurmstepd: [{job_id}.".encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(prefix):
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
-
-
-def rank_pids(job_id: int, node: str | None = None) -> list[int]:
-    """Trainer rank processes of a job (not their launchers), optionally on one node only.
-
-    The nodes live in network namespaces but share this machine's process table.
-    """
-    pids = []
+def _processes():
+    """(pid, argv, environ) of every process on this machine; the nodes live in network namespaces but
+    share its process table. Processes that end while being read are skipped."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -133,10 +116,23 @@ def rank_pids(job_id: int, node: str | None = None) -> list[int]:
             environ = set((proc / "environ").read_bytes().split(b"\0"))
         except OSError:
             continue
+        yield int(proc.name), argv, environ
+
+
+def step_daemons(job_id: int) -> list[int]:
+    """slurmstepd processes still serving a job (its batch, extern and numbered steps), on any node."""
+    prefix = f"slurmstepd: [{job_id}.".encode()
+    return [pid for pid, argv, _ in _processes() if argv[0].startswith(prefix)]
+
+
+def rank_pids(job_id: int, node: str | None = None) -> list[int]:
+    """Trainer rank processes of a job (not their launchers), optionally on one node only."""
+    pids = []
+    for pid, argv, environ in _processes():
         is_rank = argv[1:3] == [b"-m", b"fusion_dist.cli"] or argv[1:4] == [b"-u", b"-m", b"fusion_dist.cli"]
         if is_rank and f"SLURM_JOB_ID={job_id}".encode() in environ and (
                 node is None or f"SLURMD_NODENAME={node}".encode() in environ):
-            pids.append(int(proc.name))
+            pids.append(pid)
     return pids
 
 
