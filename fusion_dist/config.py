@@ -147,9 +147,11 @@ class TrainConfig:
     epochs: int = 10
     """Maximum epochs (early stopping may end sooner)."""
     global_batch_size: int = 32
-    """Samples per optimizer step = micro_batch_size x gradient accumulation x world size."""
+    """Samples per optimizer step = micro-batch x gradient accumulation x world size (must be a multiple of the
+    world size)."""
     micro_batch_size: int = 32
-    """Samples per rank per forward pass; accumulation is derived from the global batch."""
+    """At most this many samples per rank per forward pass: the micro-batch and the accumulation are derived
+    from the global batch and the world size (``batch_geometry``)."""
     eval_batch_size: int = 64
     """Samples per rank per evaluation forward pass."""
     lr: float = 1e-4
@@ -170,6 +172,9 @@ class TrainConfig:
     """``fp32``, ``bf16`` or ``fp16``."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0-3."""
+    activation_checkpointing: str = "none"
+    """Recompute activations in backward instead of keeping them: ``none``, ``lm`` (the frozen decoder layers) or
+    ``all`` (also the MM blocks). Saves activation memory for about one more forward pass per step."""
     offload_optimizer: bool = False
     """ZeRO optimizer-state CPU offload (stages 1-3)."""
     offload_params: bool = False
@@ -184,6 +189,43 @@ class TrainConfig:
     """Rank 0 prints one progress line every N optimizer steps."""
     dist_timeout_s: float = 600.0
     """Collective-operation timeout: if a rank dies, the others fail within this bound instead of hanging."""
+
+
+@dataclass(frozen=True)
+class BatchGeometry:
+    """How one optimizer step of ``global_batch`` samples is cut: ``world`` ranks x ``accumulation``
+    micro-batches of ``micro`` samples each."""
+
+    global_batch: int
+    world: int
+    micro: int
+    accumulation: int
+
+    def __str__(self) -> str:
+        return (f"global batch {self.global_batch} = micro {self.micro} x accumulation {self.accumulation} "
+                f"x world {self.world}")
+
+
+def batch_geometry(train: TrainConfig, world_size: int) -> BatchGeometry:
+    """The per-rank micro-batch and the accumulation for this world size (or a ConfigError naming both numbers).
+
+    ``train.micro_batch_size`` is a cap ("at most this many per forward"): the micro-batch is the largest
+    divisor of the per-rank share of the global batch that fits under it, so the accumulation is the least
+    that respects the cap. Whenever two world sizes give the same micro-batch they run the very same
+    micro-batches (``RankSampler`` deals them by position), and on any world size step ``s`` consumes the
+    same ``global_batch`` samples.
+    """
+    g, cap = train.global_batch_size, train.micro_batch_size
+    if g < 1 or cap < 1:
+        raise ConfigError(f"train.global_batch_size={g} and train.micro_batch_size={cap} must both be >= 1")
+    if world_size < 1 or g % world_size:
+        raise ConfigError(
+            f"train.global_batch_size={g} is not divisible by the world size {world_size} (ranks = nodes x ranks "
+            f"per node); choose a global batch that is a multiple of {world_size}, or another number of ranks"
+        )
+    per_rank = g // world_size
+    micro = max(d for d in range(1, min(cap, per_rank) + 1) if per_rank % d == 0)
+    return BatchGeometry(g, world_size, micro, per_rank // micro)
 
 
 @dataclass

@@ -22,6 +22,7 @@ Commands::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -54,13 +55,20 @@ def weights_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_for_stage(cfg: Config, stage: str, audio_dim: int, vision_dim: int) -> torch.nn.Module:
-    """The model a stage trains, freshly initialized (stage 2 loads its backbone and stage-1 encoder)."""
+def build_for_stage(cfg: Config, stage: str, audio_dim: int, vision_dim: int, meta: bool = False) -> torch.nn.Module:
+    """The model a stage trains, freshly initialized (stage 2 loads its backbone and stage-1 encoder), with its
+    parameters in the training dtype (``train.precision``); ``meta=True``: shapes only, in seconds at any size."""
     from fusion_dist.models import build_av_pretrainer, build_model
+    from fusion_dist.models.build import DTYPES, cast_parameters
 
+    dtype = DTYPES[cfg.train.precision]
     if stage == "pretrain-av":
-        return build_av_pretrainer(cfg.model.av, audio_dim, vision_dim, cfg.model.head_hidden, cfg.model.dropout)
-    return build_model(cfg.model, audio_dim, vision_dim)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = build_av_pretrainer(cfg.model.av, audio_dim, vision_dim, cfg.model.head_hidden, cfg.model.dropout)
+        return cast_parameters(model, dtype)
+    model = build_model(cfg.model, audio_dim, vision_dim, meta=meta, dtype=dtype)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    return model
 
 
 def rebuild(cfg: Config, stage: str, audio_dim: int, vision_dim: int, weights: dict[str, torch.Tensor]):
@@ -73,9 +81,6 @@ def rebuild(cfg: Config, stage: str, audio_dim: int, vision_dim: int, weights: d
         model.load_trainable_state_dict(weights)
     else:
         model.load_state_dict(weights)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
-    if dtype is not None:
-        model.to(dtype)
     return model.eval()
 
 

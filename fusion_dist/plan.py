@@ -10,8 +10,8 @@ per weight (bf16/fp16: 2, fp32: 4):
 - gradients T*w (trainable only), partitioned from ZeRO-2 on;
 - AdamW state T*12 under bf16/fp16 (fp32 master copy + 2 moments) or T*8 under fp32 (2 moments; the fp32
   weights are the trainable weights above), partitioned from ZeRO-1 on, on the CPU with optimizer offload;
-- buffers: DeepSpeed's gradient reduce bucket (its default size, ZeRO 1-3) and, under ZeRO-3, the largest
-  single module gathered in full;
+- buffers: DeepSpeed's gradient reduce bucket (ZeRO 1-3, sized from T as the trainer sizes it) and, under
+  ZeRO-3, the largest single module gathered in full;
 - activations (approximate): b*S*h*17*L*w + b*S*V*4 when the LM loss is on, with b the micro batch,
   S = data.max_text_tokens + fusion tokens, h the LM width, L = LM layers + MM blocks, V the vocabulary.
   17*h values per token per layer is the no-recomputation count of Korthikanti et al. (2022), without the
@@ -111,21 +111,21 @@ def option_memory(option: Option, shape: Shape, world: int, w: int, bucket: int)
 
 
 def _deepspeed():
-    """DeepSpeed's ZeRO module (imported on demand: it is slow to import), on the CPU accelerator without a GPU."""
+    """DeepSpeed's ZeRO estimators (imported on demand: it is slow to import), on the CPU accelerator without a GPU."""
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.runtime.zero import config, stage3, stage_1_and_2
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
 
-    return config, stage_1_and_2, stage3
+    return stage_1_and_2, stage3
 
 
 def deepspeed_estimates(total_params: int, largest_module: int, gpus: int, nodes: int) -> dict[str, dict[str, int]]:
     """DeepSpeed's own model-state estimates (16-bit training, all parameters trainable), per GPU / per node CPU.
 
     These are the functions behind ``estimate_zero{2,3}_model_states_mem_needs_all_cold``, which only print."""
-    _, stage_1_and_2, stage3 = _deepspeed()
+    stage_1_and_2, stage3 = _deepspeed()
     out = {}
     for name, offload in (("zero2", False), ("zero2+offload_opt", True)):
         cpu, gpu = stage_1_and_2.estimate_zero2_model_states_mem_needs(total_params, gpus, nodes, cpu_offload=offload)
@@ -138,7 +138,9 @@ def deepspeed_estimates(total_params: int, largest_module: int, gpus: int, nodes
     return out
 
 
-def model_shape(cfg, model) -> Shape:
+def model_shape(cfg, model, world: int) -> Shape:
+    """The model's shape, with the micro-batch a rank runs on ``world`` ranks."""
+    from fusion_dist.config import batch_geometry
     from fusion_dist.models import count_parameters
     from fusion_dist.models.backbone import load_backbone_config
 
@@ -150,7 +152,7 @@ def model_shape(cfg, model) -> Shape:
         trainable=counts["trainable"], frozen=counts["frozen"],
         largest_module=max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules()),
         layers=lm.num_hidden_layers + len(m.mm_layers), hidden=lm.hidden_size, vocab=lm.vocab_size,
-        seq_len=cfg.data.max_text_tokens + fusion_tokens, micro_batch=cfg.train.micro_batch_size,
+        seq_len=cfg.data.max_text_tokens + fusion_tokens, micro_batch=batch_geometry(cfg.train, world).micro,
         lm_loss=m.loss.lambda_lm > 0,
     )
 
@@ -160,7 +162,9 @@ def make_plan(shape: Shape, precision: str, gpus: int, nodes: int, gpu_mem: int)
     if precision not in WEIGHT_BYTES:
         raise UserError(f"train.precision={precision!r}: must be one of {', '.join(WEIGHT_BYTES)}")
     w, world = WEIGHT_BYTES[precision], gpus * nodes
-    bucket = _deepspeed()[0].DeepSpeedZeroConfig().reduce_bucket_size
+    from fusion_dist.train.engine import bucket_elements
+
+    bucket = bucket_elements(shape.trainable)
     options = []
     for option in OPTIONS:
         mem = option_memory(option, shape, world, w, bucket)
@@ -218,7 +222,7 @@ def main(argv: list[str]) -> int:
     if args.gpus <= 0 or args.nodes <= 0:
         raise UserError(f"--gpus and --nodes must be positive, got --gpus {args.gpus} --nodes {args.nodes}")
     cfg, model = meta_model(args)
-    plan = make_plan(model_shape(cfg, model), cfg.train.precision, args.gpus, args.nodes, gpu_mem)
+    plan = make_plan(model_shape(cfg, model, args.gpus * args.nodes), cfg.train.precision, args.gpus, args.nodes, gpu_mem)
     if args.json:
         print(json.dumps(plan))
     else:

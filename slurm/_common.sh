@@ -40,12 +40,15 @@ if [ -n "${SLURM_ARRAY_TASK_ID:-}" ] && [ -n "${FD_SWEEP_TASKS:-}" ]; then
   overrides+=("${task[@]}")
 fi
 
-# Check the config before anything is launched: a typo costs seconds, not a queue wait plus a crash.
-run_dir=$(python "$FD_HOME/slurm/jobtools.py" check "$FD_CONFIG" "${overrides[@]}") || exit 2
+# Check the config, and its batch geometry for the ranks this allocation runs, before anything is launched:
+# a typo costs seconds, not a crash on every rank.
+procs=$(source "$FD_HOME/launch/_lib.sh"; fd_procs_per_node) || exit 2
+world=$(( ${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}} * procs ))
+run_dir=$(python "$FD_HOME/slurm/jobtools.py" check --world-size "$world" "$FD_CONFIG" "${overrides[@]}") || exit 2
 
 restarts=${SLURM_RESTART_COUNT:-0}
 fd_log "$FD_COMMAND $FD_CONFIG ${overrides[*]}"
-fd_log "nodes $SLURM_JOB_NODELIST, launcher $FD_LAUNCHER, restart count $restarts, run dir $run_dir"
+fd_log "nodes $SLURM_JOB_NODELIST ($world ranks), launcher $FD_LAUNCHER, restart count $restarts, run dir $run_dir"
 if compgen -G "$run_dir/checkpoints/seed*/latest" >/dev/null; then
   fd_log "checkpoint(s) found: $(cd "$run_dir/checkpoints" && for f in seed*/latest; do printf '%s ' "${f%/latest}:$(cat "$f")"; done)- resuming"
 elif [ "$restarts" -gt 0 ]; then

@@ -4,8 +4,10 @@
 #   bash slurm/submit.sh slurm/train_mosi.sh [sbatch options ...]
 #   FD_OVERRIDES="run.dir=runs/mosi-lr3 train.lr=3e-4" bash slurm/submit.sh slurm/train_mosi.sh --nodes=4
 #
-# It loads the config the job will use (FD_CONFIG, else the script's default, with FD_OVERRIDES), creates
-# logs/ (sbatch does not, and a job whose log directory is missing fails without a word), then runs sbatch.
+# It loads the config the job will use (FD_CONFIG, else the script's default, with FD_OVERRIDES), checks its
+# batch geometry for the number of ranks the job will get (nodes x ranks per node, from the sbatch options
+# given here, else the script's #SBATCH lines), creates logs/ (sbatch does not, and a job whose log directory
+# is missing fails without a word), then runs sbatch.
 set -euo pipefail
 [ $# -ge 1 ] && [ -f "$1" ] || { echo "usage: bash slurm/submit.sh slurm/SCRIPT.sh [sbatch options ...]" >&2; exit 2; }
 script=$1; shift
@@ -16,6 +18,8 @@ config=${FD_CONFIG:-$(default_of FD_CONFIG)}
 read -r -a overrides <<< "${FD_OVERRIDES-$(default_of FD_OVERRIDES)}"
 venv=${FD_VENV:-$here/../.venv}
 python=python; [ -n "${VIRTUAL_ENV:-}" ] || [ ! -x "$venv/bin/python" ] || python=$venv/bin/python
-"$python" "$here/jobtools.py" check "$config" "${overrides[@]}" > /dev/null
+world=$("$python" "$here/jobtools.py" world "$script" "$@") || exit 2
+"$python" "$here/jobtools.py" check --world-size "$world" "$config" "${overrides[@]}" > /dev/null || exit 2
+echo "fusion-dist submit: $config checked for $world ranks"
 mkdir -p logs
 exec sbatch "$@" "$script"

@@ -19,7 +19,7 @@ venv=${FD_VENV:-$here/../.venv}
 
 # expands the grid into <dir>/tasks.tsv, checks every task's config, creates the experiment; sets
 # tasks dir script config experiment uri name
-plan=$(python "$here/jobtools.py" sweep "$sweep_file")
+plan=$(python "$here/jobtools.py" sweep "$sweep_file" "$@")
 eval "$plan"
 mkdir -p logs
 limit=${FD_SWEEP_MAX_PARALLEL:+%$FD_SWEEP_MAX_PARALLEL}

@@ -98,3 +98,77 @@ def test_shipped_sweep_file_expands(tmp_path, monkeypatch):
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({**spec, "dir": str(tmp_path / "out")}))
     assert "tasks=9\n" in jobtools.sweep(path)
+
+
+PAPER_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs/paper").glob("*.yaml"))
+JOB_SCRIPTS = sorted(p for p in (ROOT / "slurm").glob("*.sh") if p.name not in ("_common.sh", "submit.sh", "sweep.sh"))
+
+
+@pytest.mark.parametrize("script", JOB_SCRIPTS, ids=lambda p: p.name)
+def test_every_shipped_job_script_passes_its_own_check_on_its_own_geometry(script, monkeypatch):
+    monkeypatch.delenv("FD_PROCS_PER_NODE", raising=False)
+    text = script.read_text()
+    config = re.search(r'FD_CONFIG:=([^}]*)}', text).group(1)
+    overrides = (re.search(r'FD_OVERRIDES:=([^}]*)}', text) or re.match("()", "")).group(1).split()
+    world = jobtools.world_size(script, [])
+    nodes, gpus = (int(re.search(rf"^#SBATCH --{k}=(\d+)", text, re.M).group(1)) for k in ("nodes", "gpus-per-node"))
+    assert world == nodes * gpus and (script.name != "train_mosi.sh" or world == 16)  # MOSI: 2 nodes x 8 GPUs
+    assert jobtools.check(str(ROOT / config), overrides, world)
+
+
+@pytest.mark.parametrize("config", PAPER_CONFIGS)
+def test_paper_configs_run_on_any_power_of_two_ranks(config):
+    from fusion_dist.config import batch_geometry, load_config
+
+    train = load_config(ROOT / config).train
+    for world in (1, 2, 4, 8, 16, 32):
+        g = batch_geometry(train, world)
+        assert g.micro * g.accumulation * world == train.global_batch_size and g.micro <= train.micro_batch_size
+
+
+def test_geometry_derives_micro_batch_and_accumulation():
+    from fusion_dist.config import ConfigError, TrainConfig, batch_geometry
+
+    t = TrainConfig(global_batch_size=256, micro_batch_size=32)
+    assert [(g.micro, g.accumulation) for g in (batch_geometry(t, w) for w in (1, 2, 8, 16, 32))] == \
+        [(32, 8), (32, 4), (32, 1), (16, 1), (8, 1)]
+    assert (batch_geometry(TrainConfig(global_batch_size=24, micro_batch_size=5), 2).micro,
+            batch_geometry(TrainConfig(global_batch_size=24, micro_batch_size=5), 2).accumulation) == (4, 3)
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=256 is not divisible by the world size 24"):
+        batch_geometry(t, 24)
+
+
+def test_every_world_size_steps_over_the_same_samples():
+    from fusion_dist.config import TrainConfig, batch_geometry
+    from fusion_dist.data import RankSampler
+
+    t, n = TrainConfig(global_batch_size=64, micro_batch_size=8), 200
+    steps = {}
+    for world in (1, 2, 4, 16):
+        g = batch_geometry(t, world)
+        per_rank = [RankSampler(n, r, world, shuffle=True, seed=3, drop_last=True, chunk=g.micro).indices()
+                    for r in range(world)]
+        per_step = g.micro * g.accumulation
+        steps[world] = [sorted(i for idx in per_rank for i in idx[s * per_step:(s + 1) * per_step])
+                        for s in range(len(per_rank[0]) // per_step)]
+    assert len(steps[1]) == n // 64 and all(steps[w] == steps[1] for w in steps)
+
+
+@pytest.mark.parametrize("sbatch_args, env, world", [
+    ([], {}, 16), (["--nodes=4"], {}, 32), (["-N", "1"], {}, 8), (["--gpus-per-node=a100:4"], {}, 8),
+    (["--gpus-per-node=0"], {}, 2), (["--gpus-per-node=0"], {"FD_PROCS_PER_NODE": "3"}, 6),
+])
+def test_world_size_from_sbatch_lines_and_options(sbatch_args, env, world, monkeypatch):
+    monkeypatch.delenv("FD_PROCS_PER_NODE", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert jobtools.world_size(ROOT / "slurm/train_mosi.sh", sbatch_args) == world
+
+
+def test_submit_refuses_a_geometry_before_queueing(tmp_path):
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = subprocess.run(["bash", str(ROOT / "slurm/submit.sh"), str(ROOT / "slurm/train_mosi.sh"), "--nodes=3"],
+                         capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "fusion-dist: error: train.global_batch_size=256 is not divisible by the world size 24 (ranks = nodes x "
+        "ranks per node); choose a global batch that is a multiple of 24, or another number of ranks"], out.stderr

@@ -94,3 +94,17 @@ def test_params_command_prints_json_and_table(config_only, capsys):
         assert "data.root" in capsys.readouterr().err
     finally:
         os.chdir(cwd)
+
+
+@pytest.mark.parametrize("arch, preset, billions", [
+    ("llama", "smollm2-1.7b", 1.711), ("llama", "llama-3.1-8b", 8.030), ("qwen2", "qwen2.5-7b", 7.616),
+    ("mistral", "mistral-7b", 7.248),
+])
+def test_large_presets_have_the_published_sizes_and_count_on_meta(tmp_path, arch, preset, billions):
+    from fusion_dist.models.backbone import backbone_on_meta
+
+    out = make_backbone(arch, preset, tmp_path / preset, config_only=True)
+    lm = backbone_on_meta(str(out))
+    assert sum(p.numel() for p in lm.parameters()) == pytest.approx(billions * 1e9, rel=2e-3)
+    assert cli(["params", "configs/paper/deepmlf_mosi.yaml", f"model.backbone={out}", "--audio-dim", "5",
+                "--vision-dim", "20"]) == 0

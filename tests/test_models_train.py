@@ -32,8 +32,14 @@ def test_training_steps_reduce_the_loss(backbones, arch, family, precision):
     assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
 
 
-def test_bf16_model_casts_fp32_features(backbones):
-    model = build_model(tiny_cfg(backbones["llama"]), AUDIO_DIM, VISION_DIM).to(torch.bfloat16)
+@pytest.mark.parametrize("family", ["deepmlf", "dmpf"])
+def test_bf16_model_casts_fp32_features(backbones, family):
+    cfg = tiny_cfg(backbones["llama"], family, lora__enabled=True)
+    model = build_model(cfg, AUDIO_DIM, VISION_DIM, dtype=torch.bfloat16).train()
+    # one dtype for every parameter (what DeepSpeed's flat buffers need); BatchNorm statistics stay fp32
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    stats = [b for n, b in model.named_buffers() if "running_" in n]
+    assert stats and all(b.dtype == torch.float32 for b in stats)
     out = model(planted_batch(model.tokenizer, n=4))
     out.loss.backward()
     assert out.prediction.dtype == torch.bfloat16 and torch.isfinite(out.loss)
@@ -54,3 +60,36 @@ def test_av_pretrainer_learns(backbones):
         opt.zero_grad()
         losses.append(out.loss.item())
     assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("family", ["deepmlf", "dmpf"])
+def test_activation_checkpointing_keeps_every_gradient_and_saves_activations(backbones, family):
+    """Recomputing the frozen layers (``lm``) and the MM blocks (``all``) in backward gives every trainable
+    parameter the gradient it gets without recomputation (dropout on: the RNG state is replayed), while autograd
+    keeps fewer activations."""
+    grads, saved = {}, {}
+    for mode in ("none", "lm", "all"):
+        torch.manual_seed(0)
+        cfg = tiny_cfg(backbones["llama"], family, dropout=0.1, lora__enabled=True)
+        model = build_model(cfg, AUDIO_DIM, VISION_DIM).train()
+        model.activation_checkpointing = mode
+        batch = planted_batch(model.tokenizer, n=4)
+        torch.manual_seed(1)
+        kept = []
+
+        def pack(t):
+            kept.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(batch)
+        out.loss.backward()
+        grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        saved[mode] = sum(kept)
+    assert all(g is not None for g in grads["none"].values())
+    assert grads["none"]["fusion_tokens" if family == "deepmlf" else "fusion_tokens_audio"].abs().sum() > 0
+    for mode in ("lm", "all"):
+        assert grads[mode].keys() == grads["none"].keys()
+        for name, g in grads["none"].items():
+            torch.testing.assert_close(grads[mode][name], g, rtol=0, atol=1e-6, msg=f"{mode}: {name}")
+    assert saved["all"] < saved["lm"] < 0.8 * saved["none"], saved

@@ -64,7 +64,7 @@ def test_option_memory_fp32_adam_is_two_moments():
 
 def test_fits_needs_the_reserve_and_recommendation_is_cheapest_fitting():
     big = Shape(**{**SHAPE.__dict__, "frozen": 4 * 10**9})  # a backbone worth partitioning
-    bucket = make_plan(big, "bf16", 4, 1, 1)["reduce_bucket_size"]  # DeepSpeed's default
+    bucket = make_plan(big, "bf16", 4, 1, 1)["reduce_bucket_size"]  # sized from the trainable count
     need = {o.name: option_memory(o, big, 4, 2, bucket)["total"] for o in OPTIONS}
     assert make_plan(big, "bf16", 4, 1, 10**12)["recommended"] == "zero0"
     # just enough for ZeRO-3 with the 10% reserve, not for ZeRO-0..2
@@ -92,7 +92,7 @@ def mosei_shape(gpt2_large):
     args = argparse.Namespace(config="configs/paper/deepmlf_mosei.yaml", overrides=[f"model.backbone={gpt2_large}"],
                               audio_dim=74, vision_dim=35)
     cfg, model = meta_model(args)
-    return model_shape(cfg, model)
+    return model_shape(cfg, model, 8)
 
 
 def test_paper_mosei_plan_is_sensible(mosei_shape):

@@ -20,7 +20,7 @@ from torch import nn
 
 from fusion_dist.config import AVEncoderConfig, from_yaml, to_yaml
 from fusion_dist.errors import UserError
-from fusion_dist.models.heads import ModelOutput, regression_head
+from fusion_dist.models.heads import BatchNorm, ModelOutput, regression_head
 
 MODALITIES = ("audio", "vision")
 
@@ -60,7 +60,7 @@ class ModalityEncoder(nn.Module):
     def __init__(self, in_dim: int, cfg: AVEncoderConfig):
         super().__init__()
         self.maxlen, self.d_enc = cfg.maxlen, cfg.d_enc
-        self.norm_in = nn.BatchNorm1d(in_dim) if cfg.batchnorm else None
+        self.norm_in = BatchNorm(in_dim) if cfg.batchnorm else None
         self.proj = nn.Linear(in_dim, cfg.d_enc, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
         layer = nn.TransformerEncoderLayer(

@@ -212,6 +212,19 @@ PRESETS: dict[str, dict[str, dict]] = {
             num_key_value_heads=32, max_position_embeddings=8192, rope_theta=130000.0, rms_norm_eps=1e-5,
             tie_word_embeddings=True, vocab_size=49152,
         ),
+        # Llama-3.1-8B's shape (8.03B parameters); its long-context RoPE scaling is left out (text here is short)
+        "llama-3.1-8b": dict(
+            num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+            num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+            tie_word_embeddings=False, vocab_size=128256,
+        ),
+    },
+    "mistral": {
+        "mistral-7b": dict(  # Mistral-7B-v0.3 (7.25B parameters)
+            num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+            num_key_value_heads=8, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-5,
+            tie_word_embeddings=False, vocab_size=32768, sliding_window=None,
+        ),
     },
     "qwen2": {
         "tiny": dict(
@@ -222,6 +235,11 @@ PRESETS: dict[str, dict[str, dict]] = {
             num_hidden_layers=24, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
             num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
             tie_word_embeddings=True, vocab_size=151936,
+        ),
+        "qwen2.5-7b": dict(  # Qwen2.5-7B (7.62B parameters)
+            num_hidden_layers=28, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+            num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+            tie_word_embeddings=False, vocab_size=152064,
         ),
     },
 }

@@ -25,6 +25,7 @@ from fusion_dist.models.fusion_lm import FusionLM
 log = logging.getLogger(__name__)
 
 FAMILIES = {"deepmlf": DeepMLF, "dmpf": DMPF}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision
 AV_INITS = ("pretrained+tune", "pretrained+frozen", "random+tune")
 GCA_QUERIES = ("fusion", "text+fusion", "text")
 
@@ -65,8 +66,10 @@ def validate(cfg: ModelConfig, num_layers: int, hidden_size: int) -> None:
         )
 
 
-def build_model(model_cfg: ModelConfig, audio_dim: int, vision_dim: int, *, meta: bool = False) -> FusionLM:
-    """DeepMLF or DMPF per ``model_cfg.family``; ``meta=True`` builds shapes only, from the backbone's config."""
+def build_model(model_cfg: ModelConfig, audio_dim: int, vision_dim: int, *, meta: bool = False,
+                dtype: torch.dtype = torch.float32) -> FusionLM:
+    """DeepMLF or DMPF per ``model_cfg.family``, its parameters in ``dtype``; ``meta=True`` builds shapes only,
+    from the backbone's config."""
     config = load_backbone_config(model_cfg.backbone)
     num_layers, hidden = config.num_hidden_layers, config.hidden_size
     validate(model_cfg, num_layers, hidden)
@@ -82,11 +85,26 @@ def build_model(model_cfg: ModelConfig, audio_dim: int, vision_dim: int, *, meta
             tokenizer = None  # a config-only backbone without tokenizer still counts parameters
         with torch.device("meta"):
             return FAMILIES[model_cfg.family](model_cfg, lm, tokenizer, kernel, audio_dim, vision_dim)
-    lm, tokenizer, kernel = load_backbone(model_cfg.backbone, kernel)
+    # straight into the training dtype: no rank ever holds an fp32 copy of a bf16 backbone
+    lm, tokenizer, kernel = load_backbone(model_cfg.backbone, kernel, dtype)
     model = FAMILIES[model_cfg.family](model_cfg, lm, tokenizer, kernel, audio_dim, vision_dim)
     init_av_encoder(model, model_cfg.av, audio_dim, vision_dim)
+    cast_parameters(model, dtype)
     log.info("built %s on %s (%d layers, MM blocks after %s), attention kernel %s",
              model_cfg.family, model_cfg.backbone, num_layers, list(model_cfg.mm_layers), kernel)
+    return model
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Every parameter in the training dtype; buffers (BatchNorm statistics, rotary frequencies) keep theirs.
+
+    DeepSpeed flattens each param group into one buffer and asserts a single dtype, and under ZeRO-3 it casts
+    only what ``zero.Init`` created (the backbone): the fusion tokens, MM blocks, LoRA adapters (peft makes
+    them fp32), AV encoders and heads would stay fp32 next to bf16 weights. DeepSpeed keeps the fp32 master
+    copies of the trainable ones in its optimizer."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype and not hasattr(p, "ds_id"):  # ds_id: already partitioned
+            p.data = p.data.to(dtype)
     return model
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fusion_dist.config import ModelConfig
 from fusion_dist.errors import UserError
@@ -54,6 +55,17 @@ def group_attention_mask(text_valid: torch.Tensor, group_sizes: list[int], sees:
     return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
 
+def _call(module: nn.Module, recompute: bool, *args, **kwargs) -> torch.Tensor:
+    """``module(*args, **kwargs)``; with ``recompute`` its activations are not kept but recomputed in backward.
+
+    Our own loop does this, not transformers' ``gradient_checkpointing_enable()``: HF checkpoints only layers in
+    training mode, and the frozen LM always runs in eval mode. Non-reentrant checkpointing lets gradients reach
+    the fusion tokens through frozen layers, and restores the RNG state, so dropout draws the same masks."""
+    if recompute:
+        return checkpoint(module, *args, use_reentrant=False, **kwargs)
+    return module(*args, **kwargs)
+
+
 class FusionLM(nn.Module):
     """The frozen LM (``self.lm``) with MM blocks (``self.mm_blocks``) after chosen layers."""
 
@@ -67,6 +79,7 @@ class FusionLM(nn.Module):
         self.augment = TextAugment(cfg.augment)
         self.mm_blocks = nn.ModuleDict()
         self.frozen_encoders: list[str] = []  # attributes kept frozen and in eval mode (pretrained+frozen)
+        self.activation_checkpointing = "none"  # train.activation_checkpointing: none | lm | all
 
     # ----------------------------------------------------------------- modes and dtype
 
@@ -102,10 +115,13 @@ class FusionLM(nn.Module):
         else:
             mask = group_attention_mask(text_valid, [g.shape[0] for g in groups], sees, h.dtype)
         layer_kwargs = self.adapter.layer_kwargs(h, position_ids)
+        recompute = self.training and torch.is_grad_enabled()
+        recompute_lm = recompute and self.activation_checkpointing in ("lm", "all")
+        recompute_mm = recompute and self.activation_checkpointing == "all"
         for i, layer in enumerate(self.adapter.layers):
-            h = layer(h, attention_mask=mask, **layer_kwargs)
+            h = _call(layer, recompute_lm, h, attention_mask=mask, **layer_kwargs)
             if str(i) in self.mm_blocks:
-                h = self.mm_blocks[str(i)](h, queries, contexts)
+                h = _call(self.mm_blocks[str(i)], recompute_mm, h, queries, contexts)
         return self.adapter.final_norm(h)
 
     def lm_loss(self, text_states: torch.Tensor, input_ids: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -33,10 +34,24 @@ class ModelOutput(NamedTuple):
     text_mask: Optional[torch.Tensor] = None
 
 
+class BatchNorm(nn.BatchNorm1d):
+    """BatchNorm that normalizes in fp32 whatever the training dtype.
+
+    Under bf16/fp16 the parameters are cast to the training dtype (DeepSpeed keeps their fp32 master copies)
+    while the running statistics, buffers, stay fp32: an EMA of feature statistics in bf16 would lose most of
+    its precision, and raw features span orders of magnitude. The output returns in the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(x.float(), self.running_mean, self.running_var, self.weight.float(), self.bias.float(),
+                            self.training, self.momentum, self.eps).to(x.dtype)
+
+
 def regression_head(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
     """The task-head MLP of the reference: Linear, BatchNorm, ReLU, (dropout), Linear -> 1."""
     return nn.Sequential(
-        nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1)
+        nn.Linear(in_dim, hidden), BatchNorm(hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1)
     )
 
 

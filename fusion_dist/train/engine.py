@@ -5,8 +5,9 @@ comes from ``TrainConfig`` in ``deepspeed_config``; ``train.deepspeed_config`` m
 JSON that is merged over the generated one for the rare knob we do not expose.
 
 Batch arithmetic (logged at start): global batch = micro-batch x gradient accumulation x world
-size. The user sets the global and micro batch; accumulation is derived, so the same config gives
-the same optimization on 1 or N ranks.
+size. The user sets the global batch and a cap on the micro-batch; the micro-batch and the
+accumulation are derived for the world size at hand (``batch_geometry``), so the same config runs,
+and takes the same optimizer steps, on 1 or N ranks.
 """
 
 from __future__ import annotations
@@ -25,22 +26,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
 
-from fusion_dist.config import TrainConfig  # noqa: E402
+from fusion_dist.config import TrainConfig, batch_geometry  # noqa: E402
 from fusion_dist.errors import UserError  # noqa: E402
 
 AV_ENCODER_NAMES = ("av_encoder", "audio_encoder", "video_encoder")
-
-
-def accumulation_steps(train: TrainConfig, world_size: int) -> int:
-    """Gradient accumulation that makes micro x accum x world equal the global batch (or a UserError)."""
-    per_step = train.micro_batch_size * world_size
-    if train.micro_batch_size < 1 or train.global_batch_size < 1 or train.global_batch_size % per_step:
-        raise UserError(
-            f"train.global_batch_size={train.global_batch_size} is not a positive multiple of "
-            f"train.micro_batch_size x world size = {train.micro_batch_size} x {world_size} = {per_step}"
-        )
-    return train.global_batch_size // per_step
+ACTIVATION_CHECKPOINTING = ("none", "lm", "all")
+DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's default reduce / all-gather bucket (elements)
+MIN_BUCKET = 1_000_000
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -50,16 +44,39 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The complete DeepSpeed JSON for this run (also written to ``<run>/ds_config.json``)."""
+def check_train_config(train: TrainConfig) -> None:
+    """The ``train.*`` values DeepSpeed would otherwise reject late, or not at all."""
     if train.zero_stage not in (0, 1, 2, 3):
         raise UserError(f"train.zero_stage={train.zero_stage}: must be 0, 1, 2 or 3")
     if train.precision not in ("fp32", "bf16", "fp16"):
         raise UserError(f"train.precision={train.precision!r}: must be fp32, bf16 or fp16")
+    if train.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+        raise UserError(f"train.activation_checkpointing={train.activation_checkpointing!r}: must be one of "
+                        f"{', '.join(ACTIVATION_CHECKPOINTING)}")
+    if train.precision == "fp16" and not get_accelerator().is_fp16_supported():
+        raise UserError(f"train.precision=fp16: this machine's accelerator ({get_accelerator().device_name()}) "
+                        "does not support fp16; use bf16")
     if train.offload_optimizer and train.zero_stage == 0:
         raise UserError("train.offload_optimizer needs train.zero_stage 1, 2 or 3")
     if train.offload_params and train.zero_stage != 3:
         raise UserError("train.offload_params needs train.zero_stage 3")
+
+
+def bucket_elements(trainable: int) -> int:
+    """DeepSpeed's gradient reduce / all-gather bucket for a model that trains ``trainable`` parameters.
+
+    DeepSpeed's default, 5e8 elements (1 GB in bf16, allocated whole, and twice with overlapping
+    communication), is sized for models that train billions of parameters; ours train 1e5-1e8 next to a
+    frozen backbone. A quarter of the trainable count keeps a step at about four collectives per bucket
+    kind while the buffer stays a fraction of the trainable state."""
+    return int(min(DEEPSPEED_BUCKET, max(MIN_BUCKET, trainable // 4)))
+
+
+def deepspeed_config(train: TrainConfig, world_size: int, trainable: int | None = None) -> dict[str, Any]:
+    """The complete DeepSpeed JSON for this run (also written to ``<run>/ds_config.json``); with the model's
+    ``trainable`` parameter count its buckets are sized for it (else DeepSpeed's defaults)."""
+    check_train_config(train)
+    geometry = batch_geometry(train, world_size)
     zero: dict[str, Any] = {"stage": train.zero_stage}
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -68,10 +85,15 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
     if train.zero_stage == 3:
         # gather the (small) trainable weights at save time so exports are plain tensors
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if trainable is not None and train.zero_stage >= 1:
+        bucket = bucket_elements(trainable)
+        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+        if train.zero_stage == 3:  # the frozen layers are gathered one prefetch bucket at a time
+            zero["stage3_prefetch_bucket_size"] = bucket
     cfg: dict[str, Any] = {
-        "train_batch_size": train.global_batch_size,
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": accumulation_steps(train, world_size),
+        "train_batch_size": geometry.global_batch,
+        "train_micro_batch_size_per_gpu": geometry.micro,
+        "gradient_accumulation_steps": geometry.accumulation,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": train.precision == "bf16"},
@@ -165,3 +187,27 @@ def initialize(model: torch.nn.Module, train: TrainConfig, ds_config: dict[str, 
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     return engine
+
+
+def model_state_bytes(engine) -> dict[str, int]:
+    """Bytes of model state this rank holds: ``weights`` (its share of every parameter, frozen ones included)
+    and ``optimizer`` (master copies and moments of its partition). Gradients and buffers come and go within a
+    step and are not counted. ``fusion-dist plan`` estimates the same two numbers."""
+    seen: set[int] = set()
+
+    def size(tensors) -> int:
+        total = 0
+        for t in tensors:
+            if t is None or not torch.is_tensor(t) or t.numel() == 0:
+                continue
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                total += t.untyped_storage().nbytes()
+        return total
+
+    weights = size(getattr(p, "ds_tensor", p) for p in engine.module.parameters())
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    masters = [p for g in inner.param_groups for p in g["params"]]
+    moments = [v for state in inner.state.values() for v in state.values()]
+    return {"weights": weights, "optimizer": size(masters) + size(moments)}

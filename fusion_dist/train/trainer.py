@@ -15,7 +15,7 @@ epoch's shuffle), so every step is whole and a step number fixes the data positi
 Run directory (SPEC 7)::
 
     config.yaml  ds_config.json  metrics.json  predictions/<split>[-seed<S>].csv  export/
-    checkpoints/seed<S>/step<N>/   DeepSpeed states + trainable.safetensors (gathered weights)
+    checkpoints/seed<S>/step<N>/   DeepSpeed states without frozen weights + trainable.safetensors (gathered)
     checkpoints/seed<S>/latest     written only after every rank finished saving
     checkpoints/seed<S>/result.json   the seed's final metrics (a finished seed is not trained again)
     logs/seed<S>.jsonl             one line per optimizer step: losses by term, lr, grad norm
@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from fusion_dist.config import Config, from_yaml, load_config, to_flat_dict, to_yaml
+from fusion_dist.config import Config, batch_geometry, from_yaml, load_config, to_flat_dict, to_yaml
 from fusion_dist.data import Collator, RankSampler, ShardDataset, read_manifest
 from fusion_dist.errors import UserError
 from fusion_dist.export import build_for_stage, rebuild, weights_of, write_export
@@ -172,7 +172,10 @@ class Checkpoints:
         return f.read_text().strip() if f.is_file() else None
 
     def save(self, engine, tag: str, client_state: dict, best_tag: str | None, denv: dist.DistEnv) -> None:
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        # the frozen backbone (and frozen FFW copies) is rebuilt from model.backbone on resume, never written:
+        # a tag holds the trainable state alone, whatever the backbone's size
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=True)
         weights = gathered_weights(engine.module)
         if denv.is_main:
             save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(self.root / tag / TRAINABLE))
@@ -295,10 +298,11 @@ class SeedRun:
         with E.model_init(self.ds_config):
             model = build_for_stage(cfg, self.stage, self.dims["audio"], self.dims["vision"])
         collator = Collator(getattr(model, "tokenizer", None), cfg.data.max_text_tokens)
-        accum = self.ds_config["gradient_accumulation_steps"]
+        geometry = batch_geometry(t, denv.world_size)
+        micro, accum = geometry.micro, geometry.accumulation
         sampler = RankSampler(len(data["train"]), denv.rank, denv.world_size, shuffle=True, seed=self.seed,
-                              drop_last=True, chunk=t.micro_batch_size)
-        steps_per_epoch = len(sampler) // (t.micro_batch_size * accum)
+                              drop_last=True, chunk=micro)
+        steps_per_epoch = len(sampler) // (micro * accum)
         if steps_per_epoch == 0:
             raise UserError(
                 f"data.root: {len(data['train'])} training samples give no full step of global batch "
@@ -307,17 +311,19 @@ class SeedRun:
         total = t.epochs * steps_per_epoch
         engine = E.initialize(model, self._train_cfg(), self.ds_config, total, round(t.warmup_epochs * steps_per_epoch))
         log.info(
-            f"seed {self.seed}: {self.stage} | global batch {t.global_batch_size} = micro {t.micro_batch_size} x "
-            f"accumulation {accum} x world {denv.world_size} | {steps_per_epoch} steps/epoch x {t.epochs} epochs "
+            f"seed {self.seed}: {self.stage} | {geometry} | {steps_per_epoch} steps/epoch x {t.epochs} epochs "
             f"| ZeRO-{t.zero_stage} {t.precision}"
         )
+        held = E.model_state_bytes(engine)
+        log.info(f"model state held by rank 0: weights {held['weights'] / 2**30:.3f} GiB + optimizer "
+                 f"{held['optimizer'] / 2**30:.3f} GiB (compare: fusion-dist plan)")
 
         state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0,
                  "early_stopping": {"best": None, "best_tag": None, "bad_epochs": 0, "stop": False},
                  "tracking": {"parent": self.tracker.parent_run_id, "child": None}}
         tag = self.ckpt.latest()
         if tag:
-            _, client = engine.load_checkpoint(str(self.ckpt.root), tag=tag)
+            _, client = engine.load_checkpoint(str(self.ckpt.root), tag=tag, load_module_strict=False)
             if client["world_size"] != denv.world_size:
                 raise UserError(
                     f"{self.ckpt.root}/{tag}: saved by {client['world_size']} ranks, resumed on {denv.world_size}; "
@@ -348,8 +354,8 @@ class SeedRun:
         while state["epoch"] < t.epochs and not es["stop"]:
             epoch = state["epoch"]
             sampler.set_epoch(epoch)
-            sampler.start_at(state["step_in_epoch"] * t.micro_batch_size * accum)
-            loader = torch.utils.data.DataLoader(data["train"], batch_size=t.micro_batch_size, sampler=sampler,
+            sampler.start_at(state["step_in_epoch"] * micro * accum)
+            loader = torch.utils.data.DataLoader(data["train"], batch_size=micro, sampler=sampler,
                                                  collate_fn=collator, drop_last=True, generator=loader_gen)
             batches = iter(loader)
             engine.train()
@@ -359,8 +365,8 @@ class SeedRun:
                 for a in range(accum):
                     # dropout/augmentation noise drawn from the micro-batch's position in the epoch, not
                     # from the rank: the same micro-batch gets the same noise on any number of ranks
-                    micro = (state["step_in_epoch"] * accum + a) * denv.world_size + denv.rank
-                    torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, micro]).generate_state(1)[0]))
+                    position = (state["step_in_epoch"] * accum + a) * denv.world_size + denv.rank
+                    torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, position]).generate_state(1)[0]))
                     out = engine(_to_device(next(batches), engine.device))
                     engine.backward(out.loss)
                     engine.step()
@@ -517,9 +523,15 @@ def _setup(cfg: Config, stage: str):
     manifest = read_manifest(cfg.data.root)
     from fusion_dist.train import engine as E
 
-    ds_config = E.deepspeed_config(cfg.train, denv.world_size)
+    E.check_train_config(cfg.train)
+    batch_geometry(cfg.train, denv.world_size)
     if stage == "train":
         _check_model_inputs(cfg)
+    dims = {m: manifest["features"][m]["dim"] for m in ("audio", "vision")}
+    shape = build_for_stage(cfg, stage, dims["audio"], dims["vision"], meta=True)
+    ds_config = E.deepspeed_config(cfg.train, denv.world_size, sum(p.numel() for p in shape.parameters()
+                                                                   if p.requires_grad))
+    del shape
     run_dir = Path(cfg.run.dir)
     _check_resumable(cfg, run_dir, stage)
     if denv.is_main:

@@ -5,15 +5,17 @@ import torch
 
 from fusion_dist.config import TrainConfig
 from fusion_dist.errors import UserError
-from fusion_dist.train.engine import accumulation_steps, deepspeed_config, param_groups, warmup_cosine
+from fusion_dist.config import batch_geometry
+from fusion_dist.train.engine import deepspeed_config, param_groups, warmup_cosine
 
 
 def test_accumulation_from_global_batch():
     t = TrainConfig(global_batch_size=32, micro_batch_size=4)
-    assert accumulation_steps(t, 2) == 4
-    assert accumulation_steps(t, 8) == 1
-    with pytest.raises(UserError, match="global_batch_size=32 is not a positive multiple"):
-        accumulation_steps(t, 3)
+    assert batch_geometry(t, 2).accumulation == 4
+    assert batch_geometry(t, 8).accumulation == 1
+    assert (batch_geometry(t, 16).micro, batch_geometry(t, 16).accumulation) == (2, 1)  # the cap is an upper bound
+    with pytest.raises(UserError, match="global_batch_size=32 is not divisible by the world size 3"):
+        batch_geometry(t, 3)
 
 
 def test_deepspeed_config_from_train_config(tmp_path):

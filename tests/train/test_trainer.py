@@ -169,7 +169,7 @@ def test_zero_stages_train_and_agree(engine_inputs, ref_run, tmp_path, stage):
 
 
 BAD = [
-    (["train.global_batch_size=10"], "global_batch_size=10 is not a positive multiple"),
+    (["train.global_batch_size=0"], "train.global_batch_size=0 and train.micro_batch_size=4 must both be >= 1"),
     (["model.av.init=pretrained+tune"], "model.av.checkpoint"),
     (["model.backbone=/nonexistent/bb"], "model.backbone"),
 ]
