@@ -7,8 +7,9 @@ overhead: tiny GPT-2 DeepMLF, the same model, batches and AdamW; samples/s of th
 forward/backward/step (what ``fusion-dist train`` runs each micro-batch) against plain
 ``loss.backward(); clip; opt.step()``, alternating rounds so load changes hit both equally.
 memory: a GPT-2-base-sized random backbone (frozen) + DeepMLF; model states per rank = parameters held
-by the rank + gradients + optimizer states, counted from the tensors each engine actually holds,
-next to DeepSpeed's own estimator (which assumes every parameter is trained).
+by the rank + optimizer states (``engine.model_state_bytes``, what the trainer logs) + gradients left on
+the parameters, counted from the tensors each engine actually holds, next to DeepSpeed's own estimator
+(which assumes every parameter is trained).
 """
 
 from __future__ import annotations
@@ -92,29 +93,6 @@ def overhead(rounds: int = 5, steps: int = 20, bsz: int = 16) -> dict:
             "ratio": med["engine"] / med["bare"], "rounds": res}
 
 
-def _rank_bytes(engine) -> dict:
-    """Bytes this rank holds for parameters (its partition under ZeRO-3), gradients and optimizer states."""
-    params = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size()
-                 for p in engine.module.parameters())
-    seen, opt = set(), 0
-    opt_obj = engine.optimizer
-    for holder in [getattr(opt_obj, "optimizer", opt_obj)]:
-        for st in holder.state.values():
-            for v in st.values():
-                if torch.is_tensor(v) and v.data_ptr() not in seen:
-                    seen.add(v.data_ptr())
-                    opt += v.numel() * v.element_size()
-        for g in holder.param_groups:  # fp32 master partitions (ZeRO 1-3) live in the optimizer's groups
-            for p in g["params"]:
-                if p.data_ptr() not in seen and p.numel() and not hasattr(p, "ds_id"):
-                    seen.add(p.data_ptr())
-                    opt += p.numel() * p.element_size() if engine.zero_optimization_stage() > 0 else 0
-                    if p.grad is not None:
-                        opt += p.grad.numel() * p.grad.element_size()
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in engine.module.parameters() if p.grad is not None)
-    return {"params": params, "grads_on_params": grads, "optimizer": opt, "total": params + grads + opt}
-
-
 def memory(backbone_preset: str = "gpt2-base") -> dict:
     denv = dist.init_distributed()
     tmp = Path(tempfile.gettempdir()) / f"bench_engine_bb_{backbone_preset}"
@@ -133,7 +111,10 @@ def memory(backbone_preset: str = "gpt2-base") -> dict:
         out_ = engine(b)
         engine.backward(out_.loss)
         engine.step()
-        mine = _rank_bytes(engine)
+        mine = E.model_state_bytes(engine)
+        mine["grads_on_params"] = sum(p.grad.numel() * p.grad.element_size()
+                                      for p in engine.module.parameters() if p.grad is not None)
+        mine["total"] = sum(mine.values())
         out[f"zero{stage}"] = dist.all_gather_object(mine)
         if stage == 3:
             from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs

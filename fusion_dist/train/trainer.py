@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gc
 import json
 import math
 import os
@@ -314,9 +313,6 @@ class SeedRun:
             f"seed {self.seed}: {self.stage} | {geometry} | {steps_per_epoch} steps/epoch x {t.epochs} epochs "
             f"| ZeRO-{t.zero_stage} {t.precision}"
         )
-        held = E.model_state_bytes(engine)
-        log.info(f"model state held by rank 0: weights {held['weights'] / 2**30:.3f} GiB + optimizer "
-                 f"{held['optimizer'] / 2**30:.3f} GiB (compare: fusion-dist plan)")
 
         state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0,
                  "early_stopping": {"best": None, "best_tag": None, "bad_epochs": 0, "stop": False},
@@ -351,6 +347,7 @@ class SeedRun:
 
         es = state["early_stopping"]
         loader_gen = torch.Generator()  # the DataLoader must not draw from the global RNG (exact resume)
+        reported = False
         while state["epoch"] < t.epochs and not es["stop"]:
             epoch = state["epoch"]
             sampler.set_epoch(epoch)
@@ -375,6 +372,10 @@ class SeedRun:
                     terms["loss"] = terms.get("loss", 0.0) + float(out.loss.detach()) / accum
                 state["step_in_epoch"] += 1
                 state["global_step"] += 1
+                if not reported:  # after the first step: the optimizer creates its moments there
+                    held, reported = E.model_state_bytes(engine), True
+                    log.info(f"model state held by rank 0: weights {held['weights'] / 2**30:.3f} GiB + optimizer "
+                             f"{held['optimizer'] / 2**30:.3f} GiB (compare: fusion-dist plan)")
                 terms, stop = self._agree(terms)
                 self._record_step(engine, state, terms, window, history, steps_per_epoch)
                 step = state["global_step"]
@@ -409,7 +410,7 @@ class SeedRun:
 
         best_tag = es["best_tag"]
         del engine, model
-        gc.collect()
+        E.release_free_memory()  # the final evaluation rebuilds the model from scratch
         return self._final_evaluation(best_tag, data)
 
     def _agree(self, terms: dict[str, float]) -> tuple[dict[str, float], bool]:
@@ -525,6 +526,7 @@ def _setup(cfg: Config, stage: str):
 
     E.check_train_config(cfg.train)
     batch_geometry(cfg.train, denv.world_size)
+    E.return_freed_memory_promptly()
     if stage == "train":
         _check_model_inputs(cfg)
     dims = {m: manifest["features"][m]["dim"] for m in ("audio", "vision")}

@@ -64,6 +64,9 @@ def test_bf16_trains_checkpoints_trainable_state_only_and_resumes_exactly(engine
     ck = run_dir / "checkpoints/seed0"
     tag = (ck / "latest").read_text().strip()
     on_disk = sum(f.stat().st_size for f in (ck / tag).iterdir() if f.name != "trainable.safetensors")
+    saved = torch.load(next((ck / tag).glob("*model_states.pt")), map_location="cpu", weights_only=False)
+    trained = load_file(str(ck / tag / "trainable.safetensors")).keys()
+    assert set(saved["module"]) - set(saved["buffer_names"]) <= trained  # no frozen weight, no tied alias
     n = trainable_numel(run_dir, tag)
     bound = 1.25 * 14 * n + 256 * 1024
     assert 12 * n <= on_disk <= bound, (on_disk, n)
