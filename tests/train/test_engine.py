@@ -32,6 +32,13 @@ def test_deepspeed_config_from_train_config(tmp_path):
     c = deepspeed_config(t, 2)
     assert c["zero_optimization"]["reduce_bucket_size"] == 1000 and c["zero_optimization"]["stage"] == 3
     assert c["gradient_clipping"] == 2.0
+    # buckets and ZeRO-3 gather limits follow the trainable count, not DeepSpeed's 5e8/1e9 defaults
+    z = deepspeed_config(TrainConfig(global_batch_size=16, micro_batch_size=4, zero_stage=3), 2, 122_000_000)
+    z = z["zero_optimization"]
+    assert z["reduce_bucket_size"] == z["allgather_bucket_size"] == z["stage3_prefetch_bucket_size"] == 30_500_000
+    assert z["stage3_max_live_parameters"] == 61_000_000 and z["stage3_max_reuse_distance"] == 30_500_000
+    tiny = deepspeed_config(TrainConfig(global_batch_size=16, micro_batch_size=4, zero_stage=2), 2, 20_000)
+    assert tiny["zero_optimization"]["reduce_bucket_size"] == 1_000_000
     with pytest.raises(UserError, match="offload_params needs train.zero_stage 3"):
         deepspeed_config(TrainConfig(global_batch_size=4, micro_batch_size=4, offload_params=True), 1)
 

@@ -37,10 +37,6 @@ def args_for(engine_inputs, llama, family: str, stage: int, run_dir: Path) -> li
     return args + ([f"model.backbone={llama}"] if family == "dmpf" else [])
 
 
-def trainable_numel(run_dir: Path, tag: str) -> int:
-    return sum(t.numel() for t in load_file(str(run_dir / "checkpoints/seed0" / tag / "trainable.safetensors")).values())
-
-
 def frozen_bytes(backbone: Path) -> int:
     return sum(t.numel() * 2 for t in load_file(str(backbone / "model.safetensors")).values())  # in bf16
 
@@ -65,9 +61,9 @@ def test_bf16_trains_checkpoints_trainable_state_only_and_resumes_exactly(engine
     tag = (ck / "latest").read_text().strip()
     on_disk = sum(f.stat().st_size for f in (ck / tag).iterdir() if f.name != "trainable.safetensors")
     saved = torch.load(next((ck / tag).glob("*model_states.pt")), map_location="cpu", weights_only=False)
-    trained = load_file(str(ck / tag / "trainable.safetensors")).keys()
-    assert set(saved["module"]) - set(saved["buffer_names"]) <= trained  # no frozen weight, no tied alias
-    n = trainable_numel(run_dir, tag)
+    trained = load_file(str(ck / tag / "trainable.safetensors"))
+    assert set(saved["module"]) - set(saved["buffer_names"]) <= trained.keys()  # no frozen weight, no tied alias
+    n = sum(t.numel() for t in trained.values())
     bound = 1.25 * 14 * n + 256 * 1024
     assert 12 * n <= on_disk <= bound, (on_disk, n)
     if family == "deepmlf+lora":
