@@ -11,7 +11,7 @@ made once); run it alone, not next to the test suite. Steps:
    only for the backbone, data, run dir, epochs, batch sizes, seeds (one instead of five) and
    ``model.av.init=random+tune`` (no stage-1 export needed). The ZeRO-2 run is asked to stop (SIGUSR1, as
    Slurm does before a time limit) after its first epoch and resumed for a second one;
-3. prints per rank: peak anonymous RSS (sampled from /proc every 50 ms; file-backed pages of the memory-mapped
+3. prints per rank: peak anonymous RSS and the log line it came after (sampled from /proc every 50 ms; file-backed pages of the memory-mapped
    backbone are not counted), the bf16 weights the rank holds and the target (those + 3 GiB), the model
    state the engine holds (its log line) next to ``fusion-dist plan``'s estimate of the same, seconds per
    optimizer step, and checkpoint bytes;
@@ -63,11 +63,14 @@ def rss_anon(pid: int) -> int:
 
 
 class PeakSampler(threading.Thread):
-    """Peak RssAnon of each rank process (children of the launcher that carry a LOCAL_RANK)."""
+    """Peak RssAnon of each rank process (children of the launcher that carry a RANK), and the phase it
+    happened in: the log's last line at that moment."""
 
-    def __init__(self, launcher: subprocess.Popen):
+    def __init__(self, launcher: subprocess.Popen, log: Path):
         super().__init__(daemon=True)
-        self.launcher, self.peaks, self.stop = psutil.Process(launcher.pid), {}, threading.Event()
+        self.launcher, self.log, self.stop = psutil.Process(launcher.pid), log, threading.Event()
+        self.peaks: dict[int, int] = {}
+        self.phases: dict[int, str] = {}
 
     def ranks(self) -> dict[int, int]:
         out = {}
@@ -83,8 +86,14 @@ class PeakSampler(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             for rank, pid in self.ranks().items():
-                self.peaks[rank] = max(self.peaks.get(rank, 0), rss_anon(pid))
+                rss = rss_anon(pid)
+                if rss > self.peaks.get(rank, 0):
+                    self.peaks[rank], self.phases[rank] = rss, self.last_line()
             time.sleep(0.05)
+
+    def last_line(self) -> str:
+        lines = [ln for ln in self.log.read_text(errors="replace").splitlines() if ln.strip()]
+        return lines[-1][:80] if lines else "start-up"
 
 
 def train(args: list[str], log: Path, stop_after_epoch: bool = False) -> dict:
@@ -94,7 +103,7 @@ def train(args: list[str], log: Path, stop_after_epoch: bool = False) -> dict:
     t0 = time.perf_counter()
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, env=env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-        sampler = PeakSampler(proc)
+        sampler = PeakSampler(proc, log)
         sampler.start()
         signalled = False
         while proc.poll() is None:
@@ -111,7 +120,7 @@ def train(args: list[str], log: Path, stop_after_epoch: bool = False) -> dict:
         sys.exit(f"training exited {proc.returncode}; log: {log}\n{text[-3000:]}")
     rates = [float(m) for m in re.findall(r"\| ([\d.]+) samples/s", text)]
     held = re.search(r"weights ([\d.]+) GiB \+ optimizer ([\d.]+) GiB", text)
-    return {"peaks": sampler.peaks, "rates": rates, "wall_s": time.perf_counter() - t0, "resumed": "resumed from" in text,
+    return {"peaks": sampler.peaks, "phases": sampler.phases, "rates": rates, "wall_s": time.perf_counter() - t0, "resumed": "resumed from" in text,
             "held": (float(held.group(1)) + float(held.group(2))) * GIB}
 
 
@@ -201,11 +210,14 @@ def main() -> None:
                     "plan_over_engine": (weights_held + plan["optimizer"]) / r["held"],
                     "s_per_step": 16 / statistics.median(r["rates"][1:] or r["rates"]),
                     "checkpoint_mib": checkpoint_bytes(run_dir) / 2**20,
+                    "peak_after": r["phases"][rank],
                 })
     acts = activation_memory(backbone, data)
     print("\n| ZeRO | run | rank | peak anon RSS (GiB) | bf16 weights held (GiB) | target (GiB) | met | "
           "engine model state (GiB) | plan (GiB) | plan / engine | s / step | checkpoint (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"ZeRO-{r['stage']} {r['run']} rank {r['rank']}: peak after log line '{r['peak_after']}'")
     for r in rows:
         print(f"| {r['stage']} | {r['run']} | {r['rank']} | {r['peak_anon_gib']:.2f} | {r['bf16_weights_gib']:.2f} | "
               f"{r['target_gib']:.2f} | {'yes' if r['meets_target'] else 'NO'} | {r['engine_model_state_gib']:.2f} | "

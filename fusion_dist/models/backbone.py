@@ -58,13 +58,14 @@ def choose_attn_implementation(requested: str = "auto", device: str | torch.devi
 # --------------------------------------------------------------------------- ZeRO-3 gathering
 
 
-def gathered(params: Iterable[nn.Parameter]):
-    """Context in which ZeRO-3 partitioned ``params`` are whole (a no-op when nothing is partitioned)."""
+def gathered(params: Iterable[nn.Parameter], modifier_rank: int | None = None):
+    """Context in which ZeRO-3 partitioned ``params`` are whole (a no-op when nothing is partitioned); with
+    ``modifier_rank``, what that rank writes into them is kept (broadcast and re-partitioned on exit)."""
     params = list(params)
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed  # only needed when the model is partitioned
 
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
     return contextlib.nullcontext()
 
 

@@ -22,6 +22,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Mapping
@@ -128,6 +129,8 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
         MASTER_PORT=str(denv.master_port),
     )
     setup_logging(denv)
+    # DeepSpeed's ZeRO collectives call the deprecated torch names: one warning per call would bury the log
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
     if not tdist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:

@@ -194,7 +194,7 @@ def return_freed_memory_promptly() -> None:
 
 
 def release_free_memory() -> None:
-    """Return to the OS what the heap holds free (after start-up, before the final evaluation rebuilds)."""
+    """Return to the OS what the heap holds free (around the engine's start-up)."""
     gc.collect()
     libc = _glibc()
     if libc is not None:

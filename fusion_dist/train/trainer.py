@@ -200,6 +200,19 @@ def gathered_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in weights_of(module).items()}
 
 
+def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Put ``weights`` (as ``gathered_weights`` returns them) back into ``module``, into ZeRO-3 partitions too
+    (a collective: every rank calls it with the same weights)."""
+    from fusion_dist.models import gathered
+
+    params = dict(module.named_parameters())
+    unexpected = set(weights) - set(params) - {n for n, _ in module.named_buffers()}
+    if unexpected:
+        raise UserError(f"trainable weights do not fit this model: unexpected {sorted(unexpected)[:5]}")
+    with gathered([params[k] for k in weights if k in params], modifier_rank=0), torch.no_grad():
+        module.load_state_dict(weights, strict=False)  # non-persistent buffers (constants) are not loaded
+
+
 def best_checkpoint(run_dir: Path, seed: int | None) -> tuple[str, Path]:
     """(stage, trainable weights file of the best checkpoint) of ``seed``, or of the seed with the best
     validation MAE."""
@@ -408,10 +421,12 @@ class SeedRun:
             if self.preemption.requested:
                 raise Preempted(f"seed {self.seed}: preempted at an epoch end; saved {tag}")
 
+        # the final evaluation runs on the engine's own module with the best checkpoint's weights put back:
+        # a rebuilt model beside the engine would hold a second full copy of the backbone on every rank
         best_tag = es["best_tag"]
-        del engine, model
-        E.release_free_memory()  # the final evaluation rebuilds the model from scratch
-        return self._final_evaluation(best_tag, data)
+        load_weights(engine.module, load_file(str(self.ckpt.root / best_tag / TRAINABLE)))
+        engine.eval()
+        return self._final_evaluation(engine, collator, best_tag, data)
 
     def _agree(self, terms: dict[str, float]) -> tuple[dict[str, float], bool]:
         """Loss terms averaged over ranks, and whether any rank was asked to stop (one all-reduce)."""
@@ -461,17 +476,12 @@ class SeedRun:
         with gathered([p for n, p in module.named_parameters() if "gate" in n]):
             return module.gate_values()
 
-    def _final_evaluation(self, best_tag: str, data: dict) -> dict:
-        """Rebuild the model from backbone + the best checkpoint's weights and score valid and test."""
+    def _final_evaluation(self, engine, collator: Collator, best_tag: str, data: dict) -> dict:
+        """Score valid and test with the engine holding the best checkpoint's weights."""
         cfg, denv = self.cfg, self.denv
-        weights = load_file(str(self.ckpt.root / best_tag / TRAINABLE))
-        model = rebuild(cfg, self.stage, self.dims["audio"], self.dims["vision"], weights)
-        if torch.cuda.is_available():
-            model.cuda()
-        collator = Collator(getattr(model, "tokenizer", None), cfg.data.max_text_tokens)
         result = {"seed": self.seed, "stage": self.stage, "best_tag": best_tag}
         for split in ("valid", "test"):
-            ids, preds, labels = evaluate_split(model, data[split], collator, cfg.train.eval_batch_size, denv)
+            ids, preds, labels = evaluate_split(engine, data[split], collator, cfg.train.eval_batch_size, denv)
             result[split] = mmsa_metrics(preds, labels, self.manifest.get("metrics", "mosi"))
             if denv.is_main:
                 suffix = f"-seed{self.seed}" if self.multi_seed else ""

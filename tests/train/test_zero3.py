@@ -1,5 +1,6 @@
 """ZeRO-3 on 2 CPU ranks: the backbone is loaded partitioned, each MM block's FFW copy holds the source
-layer's full MLP weights, training steps run, and the exported trainable weights are gathered (full size).
+layer's full MLP weights, training steps run, the exported trainable weights are gathered (full size) and
+go back into the partitions.
 
 The model is built the way the trainer builds it (``engine.model_init`` + ``build_model``), in two real
 processes, so each rank holds only half of every backbone tensor and the copy has to gather the other half.
@@ -27,7 +28,7 @@ WORKER = textwrap.dedent("""
     from fusion_dist.data import Collator
     from fusion_dist.models import build_model, gathered
     from fusion_dist.train import dist, engine as E
-    from fusion_dist.train.trainer import gathered_weights
+    from fusion_dist.train.trainer import gathered_weights, load_weights
 
     config, backbone, extra_ds = sys.argv[1:4]
     denv = dist.init_distributed(timeout_s=120)
@@ -88,6 +89,12 @@ WORKER = textwrap.dedent("""
     assert not torch.equal(weights["fusion_tokens"], before["fusion_tokens"])
     with gathered([p for n, p in trainable.items() if "gate" in n]):  # a partitioned gate has no value
         assert all(0 < v < 1 for v in model.gate_values().values())
+
+    # 5. the final evaluation puts an earlier checkpoint's weights back into the partitions: exactly those
+    load_weights(engine.module, before)
+    restored = gathered_weights(engine.module)
+    assert restored.keys() == before.keys() and all(torch.equal(restored[k], before[k]) for k in before)
+    assert all(p.numel() == 0 for n, p in trainable.items() if p.requires_grad)  # partitioned again
     print("zero3 ok", denv.rank, flush=True)
 """)
 
