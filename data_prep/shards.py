@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
@@ -36,6 +37,7 @@ from fusion_dist.errors import UserError
 
 FORMAT_VERSION = 1
 BATCH_ROWS = 256
+ARROW_MAGIC = b"ARROW1"  # at both ends of an Arrow IPC file
 LABEL_RANGES = {"mosi": [-3.0, 3.0], "sims": [-1.0, 1.0]}
 UNIMODAL = ("label_T", "label_A", "label_V")
 
@@ -71,16 +73,20 @@ def open_source(path: str, name: str | None) -> Source:
     if path.endswith((".jsonl", ".csv")):
         rows = ingest.read_rows(path)
         dims = ingest.feature_dims(path, rows)
-        counts = {s: sum(r["split"] == s for r in rows) for s in mmsa.SPLITS}
-        empty = [s for s, n in counts.items() if n == 0]
-        if empty:
-            raise UserError(f"{path}: field 'split': no rows for split(s) {empty}")
-        return Source(path, name or path.rsplit("/", 1)[-1].rsplit(".", 1)[0], digest, counts,
-                      ingest.UNIMODAL[0] in rows[0], lambda split: ingest.records(path, rows, split, dims))
-    arrays = mmsa.validate(path, mmsa.load_pickle(path))
-    return Source(path, name or mmsa.default_name(path), digest, {s: len(a["id"]) for s, a in arrays.items()},
-                  all(k in arrays["train"] for k in UNIMODAL),
-                  lambda split: mmsa.records(path, split, arrays[split]))
+        source = Source(path, name or path.rsplit("/", 1)[-1].rsplit(".", 1)[0], digest,
+                        {s: sum(r["split"] == s for r in rows) for s in mmsa.SPLITS}, ingest.UNIMODAL[0] in rows[0],
+                        lambda split: ingest.records(path, rows, split, dims))
+        where = f"{path}: field 'split'"
+    else:
+        arrays = mmsa.validate(path, mmsa.load_pickle(path))
+        source = Source(path, name or mmsa.default_name(path), digest, {s: len(a["id"]) for s, a in arrays.items()},
+                        all(k in arrays["train"] for k in UNIMODAL),
+                        lambda split: mmsa.records(path, split, arrays[split]))
+        where = f"{path}: key 'id'"
+    empty = [s for s, n in source.rows.items() if n == 0]
+    if empty:
+        raise UserError(f"{where}: no rows for split(s) {empty}; training needs rows in {list(mmsa.SPLITS)}")
+    return source
 
 
 class _HashingWriter:
@@ -127,7 +133,7 @@ def write_split(fs, staging: str, split: str, records: Iterable[dict], n_rows: i
                 sch: pa.Schema, label_range: list[float], stats: dict, where: str) -> dict:
     """Write one split's shards under ``staging``; returns the split's manifest entry."""
     n_shards = max(1, math.ceil(n_rows / rows_per_shard))
-    shards, it = [], iter(tqdm(records, total=n_rows, desc=f"prepare {split}", unit="row", disable=None))
+    shards, seen, it = [], set(), iter(tqdm(records, total=n_rows, desc=f"prepare {split}", unit="row", disable=None))
     fs.makedirs(f"{staging}/{split}", exist_ok=True)
     for k in range(n_shards):
         rel = f"{split}/shard-{k:05d}-of-{n_shards:05d}.arrow"
@@ -136,7 +142,7 @@ def write_split(fs, staging: str, split: str, records: Iterable[dict], n_rows: i
             with pa.ipc.new_file(out, sch) as writer:
                 rows, written = [], 0
                 for rec in it:
-                    _check_record(rec, split, label_range, stats, where)
+                    _check_record(rec, split, label_range, stats, seen, where)
                     rows.append(rec)
                     if len(rows) == BATCH_ROWS or written + len(rows) == rows_per_shard:
                         writer.write_batch(_batch(rows, sch))
@@ -153,7 +159,10 @@ def write_split(fs, staging: str, split: str, records: Iterable[dict], n_rows: i
     return {"rows": total, "shards": shards}
 
 
-def _check_record(rec: dict, split: str, label_range: list[float], stats: dict, where: str) -> None:
+def _check_record(rec: dict, split: str, label_range: list[float], stats: dict, seen: set, where: str) -> None:
+    if rec["id"] in seen:
+        raise UserError(f"{where}: split '{split}', sample '{rec['id']}': id used twice (ids must be unique within a split)")
+    seen.add(rec["id"])
     lo, hi = label_range
     for key in ("label", *UNIMODAL):
         if key in rec and not lo <= rec[key] <= hi:
@@ -207,6 +216,8 @@ def prepare(src: str, out: str, *, overwrite: bool = False, rows_per_shard: int 
     label_range = LABEL_RANGES[metrics]
     sch = schema(source.unimodal_labels)
     stats = {m: {"dim": None, "max_len": 0} for m in ("audio", "vision")}
+    for stale in fs.glob(f"{out_path}.staging-*"):  # left by a conversion that crashed
+        fs.rm(stale, recursive=True)
     staging = f"{out_path}.staging-{uuid.uuid4().hex[:12]}"
     try:
         splits = {split: write_split(fs, staging, split, source.records(split), n, rows_per_shard, sch,
@@ -239,8 +250,9 @@ def prepare(src: str, out: str, *, overwrite: bool = False, rows_per_shard: int 
     return manifest
 
 
-def shard_problem(root: str, shard: dict) -> str | None:
-    """Why a shard does not match its manifest entry (missing, size, checksum), or None when it does."""
+def shard_problem(root: str, shard: dict, checksum: bool = True) -> str | None:
+    """Why a shard does not match its manifest entry, or None when it does: missing, size, then its sha256
+    (``checksum``) or, in milliseconds, the Arrow file markers at both ends and the footer's row count."""
     path = f"{root.rstrip('/')}/{shard['file']}"
     fs, fs_path = fsspec.core.url_to_fs(path)
     if not fs.isfile(fs_path):
@@ -248,20 +260,47 @@ def shard_problem(root: str, shard: dict) -> str | None:
     size = fs.size(fs_path)
     if size != shard["bytes"]:
         return f"{path}: {size} bytes, manifest says {shard['bytes']} (truncated or replaced)"
-    if mmsa.sha256_file(path) != shard["sha256"]:
-        return f"{path}: sha256 mismatch (corrupted)"
+    if checksum:
+        return f"{path}: sha256 mismatch (corrupted)" if mmsa.sha256_file(path) != shard["sha256"] else None
+    with fs.open(fs_path, "rb") as f:
+        head = f.read(6)
+        f.seek(size - 6)
+        tail = f.read(6)
+        if head != ARROW_MAGIC or tail != ARROW_MAGIC:
+            return f"{path}: not an Arrow file (corrupted header or footer)"
+        f.seek(0)
+        try:
+            if isinstance(fs, LocalFileSystem):  # batch headers through a memory map: no batch body is read
+                reader = pa.ipc.open_file(pa.memory_map(fs_path))
+                rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+                if rows != shard["rows"]:
+                    return f"{path}: {rows} rows, manifest says {shard['rows']}"
+            else:
+                pa.ipc.open_file(f)  # the footer alone
+        except pa.ArrowException as exc:
+            return f"{path}: unreadable Arrow file ({exc})"
     return None
 
 
-def verify(root: str) -> dict:
-    """Check the manifest and every shard; UserError naming the first bad shard."""
+def check_root(root: str, checksums: bool) -> dict:
+    """The manifest of a shard root that training can use: every split present and non-empty, every listed
+    shard present and intact (``shard_problem``); UserError naming the first problem."""
     manifest = read_manifest(root)
-    for split, entry in manifest["splits"].items():
-        for shard in tqdm(entry["shards"], desc=f"verify {split}", unit="shard", disable=None):
-            problem = shard_problem(root, shard)
+    for split in mmsa.SPLITS:
+        entry = manifest["splits"].get(split)
+        if not entry or not entry.get("rows"):
+            raise UserError(f"{root}/manifest.json: split '{split}' is {'missing' if not entry else 'empty'}; "
+                            "training needs rows in train, valid and test")
+        for shard in tqdm(entry["shards"], desc=f"check {split}", unit="shard", disable=None):
+            problem = shard_problem(root, shard, checksum=checksums)
             if problem:
                 raise UserError(problem)
     return manifest
+
+
+def verify(root: str) -> dict:
+    """Check the manifest and every shard's sha256; UserError naming the first bad shard."""
+    return check_root(root, checksums=True)
 
 
 def _summary(m: dict) -> str:

@@ -18,10 +18,10 @@ import pyarrow as pa
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from data_prep.shards import read_manifest, shard_problem
+from data_prep.shards import check_root, read_manifest, shard_problem
 from fusion_dist.errors import UserError
 
-__all__ = ["read_manifest", "ShardDataset", "RankSampler", "Collator"]
+__all__ = ["check_root", "read_manifest", "ShardDataset", "RankSampler", "Collator"]
 
 UNIMODAL = ("label_T", "label_A", "label_V")
 

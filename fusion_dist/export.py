@@ -16,7 +16,7 @@ Commands::
 
     fusion-dist export RUN_DIR OUT [--seed S]        # best checkpoint of seed S (default: best seed)
     fusion-dist predict EXPORT_DIR DATA [--split test] [--out FILE.csv]
-        DATA: a shard root (with --split) or a JSONL of {"id", "text", "audio": x.npy, "vision": y.npy}
+        DATA: a shard root (with --split), or a .jsonl/.csv of id, text, audio (x.npy), vision (y.npy)[, label]
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import copy
 import hashlib
 import json
 import shutil
+import uuid
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -39,7 +39,6 @@ from fusion_dist.errors import UserError
 WEIGHTS = "model.safetensors"
 META = "export.json"
 CONFIG = "config.yaml"
-STAGES = ("pretrain-av", "train")
 
 
 # ----------------------------------------------------------------------------- weights and rebuild
@@ -122,12 +121,29 @@ def check_backbone(ref: dict, name_or_dir: str, where: str) -> None:
 # ----------------------------------------------------------------------------- writing and reading
 
 
-def write_export(out: Path, cfg: Config, stage: str, weights: dict[str, torch.Tensor], manifest: dict) -> Path:
-    """Write an export directory atomically (staged next to ``out``, then renamed)."""
+def check_export_target(out: Path, source: Path) -> None:
+    """``out`` may be new or a previous export (it is replaced), never anything else: not the current
+    directory, not ``source`` (the run directory) or a folder above it, not a file or folder of other data."""
+    target, src = out.resolve(), source.resolve()
+    if target == Path.cwd().resolve() or target == src or target in src.parents:
+        raise UserError(f"{out}: is the current directory, the run directory or a folder above it; "
+                        "export into a new directory")
+    if out.exists() and not (out / META).is_file():
+        raise UserError(f"{out}: exists and is not an export (no {META}); export into a new directory "
+                        "(an existing export is replaced, nothing else)")
+
+
+def write_export(out: Path, cfg: Config, stage: str, weights: dict[str, torch.Tensor], manifest: dict,
+                 source: Path) -> Path:
+    """Write an export directory of the run at ``source`` atomically: staged next to ``out``, then swapped in
+    (a previous export at ``out`` is replaced only once the new one is complete)."""
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    check_export_target(out, source)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f"{out.name}.staging-*"):  # left by an export that crashed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.with_name(f"{out.name}.staging-{uuid.uuid4().hex[:12]}")
+    tmp.mkdir()
     tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     save_file(tensors, str(tmp / WEIGHTS))
     (tmp / CONFIG).write_text(to_yaml(cfg))
@@ -148,18 +164,28 @@ def write_export(out: Path, cfg: Config, stage: str, weights: dict[str, torch.Te
         dims = {m: str(feats[m]["dim"]) for m in ("audio", "vision")}
         save_file(enc, str(tmp / ENCODER_FILE), metadata={f"{m}_dim": d for m, d in dims.items()})
     if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+        old = tmp.with_name(tmp.name + "-old")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
     return out
+
+
+def export_meta(export_dir: str | Path) -> dict:
+    """``export.json`` of an export directory (UserError when it is not one)."""
+    export_dir = Path(export_dir)
+    for name in (WEIGHTS, META, CONFIG):
+        if not (export_dir / name).is_file():
+            raise UserError(f"{export_dir}: not an export directory (no {name}); make one with 'fusion-dist export'")
+    return json.loads((export_dir / META).read_text())
 
 
 def load_export(export_dir: str | Path, backbone: str | None = None):
     """-> (model in eval mode, meta, cfg). ``backbone`` overrides the recorded path (moved backbone)."""
     export_dir = Path(export_dir)
-    for name in (WEIGHTS, META, CONFIG):
-        if not (export_dir / name).is_file():
-            raise UserError(f"{export_dir}: not an export directory (no {name}); make one with 'fusion-dist export'")
-    meta = json.loads((export_dir / META).read_text())
+    meta = export_meta(export_dir)
     cfg = from_yaml((export_dir / CONFIG).read_text())
     if backbone:
         cfg.model.backbone = backbone
@@ -186,59 +212,41 @@ def main_export(argv: list[str]) -> int:
     if not (run_dir / CONFIG).is_file():
         raise UserError(f"{run_dir}: not a run directory (no {CONFIG})")
     cfg = from_yaml((run_dir / CONFIG).read_text())
+    check_export_target(Path(args.out), run_dir)
     stage, ckpt = best_checkpoint(run_dir, args.seed)
     from fusion_dist.data import read_manifest
 
-    write_export(Path(args.out), cfg, stage, load_file(str(ckpt)), read_manifest(cfg.data.root))
+    write_export(Path(args.out), cfg, stage, load_file(str(ckpt)), read_manifest(cfg.data.root), run_dir)
     print(f"exported {ckpt.parent} ({stage}) to {args.out}")
     return 0
 
 
-def _jsonl_samples(path: Path) -> list[dict]:
-    samples = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            sample = {"id": str(row["id"]), "raw_text": str(row["text"]), "label": float(row.get("label", "nan"))}
-            for m in ("audio", "vision"):
-                f = Path(row[m]) if Path(row[m]).is_absolute() else path.parent / row[m]
-                sample[m] = np.nan_to_num(np.load(f).astype(np.float32), neginf=0.0, posinf=0.0)
-        except (ValueError, KeyError, OSError) as exc:
-            raise UserError(f"{path}:{n}: bad row ({type(exc).__name__}: {exc}); need id, text, audio, vision") from exc
-        samples.append(sample)
-    if not samples:
-        raise UserError(f"{path}: no rows")
-    return samples
-
-
 def main_predict(argv: list[str]) -> int:
+    from data_prep import ingest
     from fusion_dist.data import Collator, ShardDataset
     from fusion_dist.train.trainer import predict_module, write_predictions
 
     p = argparse.ArgumentParser(prog="fusion-dist predict", description="predictions of an exported model")
     p.add_argument("export_dir")
-    p.add_argument("data", help="shard root (with --split) or a JSONL of id,text,audio,vision(.npy paths)[,label]")
+    p.add_argument("data", help="shard root (with --split), or a .jsonl/.csv of id,text,audio,vision (.npy paths)"
+                                "[,label], checked as prepare checks it")
     p.add_argument("--split", default="test")
     p.add_argument("--out", default=None, help="CSV path (default: predictions-<split>.csv in the current directory)")
     p.add_argument("--backbone", default=None, help="backbone directory, if it moved since training")
     p.add_argument("--batch-size", type=int, default=64)
     args = p.parse_args(argv)
-    model, meta, cfg = load_export(args.export_dir, args.backbone)
-    data = Path(args.data)
-    if data.suffix == ".jsonl":
-        samples = _jsonl_samples(data)
-        dims = {m: samples[0][m].shape[1] for m in ("audio", "vision")}
-        name = data.stem
+    # the data is checked before the model is built
+    want = {m: export_meta(args.export_dir)["features"][m]["dim"] for m in ("audio", "vision")}
+    if args.data.endswith((".jsonl", ".csv")):  # the rules prepare applies, split and label optional
+        samples = list(ingest.records(args.data, ingest.read_rows(args.data, training=False), None, want))
+        name = Path(args.data).stem
     else:
         ds = ShardDataset(args.data, args.split)
+        if ds.dims != want:
+            raise UserError(f"{args.data}: feature dims {ds.dims} differ from the model's {want}")
         samples = [ds[i] for i in range(len(ds))]
-        dims = ds.dims
         name = args.split
-    want = {m: meta["features"][m]["dim"] for m in ("audio", "vision")}
-    if dims != want:
-        raise UserError(f"{args.data}: feature dims {dims} differ from the model's {want}")
+    model, _, cfg = load_export(args.export_dir, args.backbone)
     collator = Collator(getattr(model, "tokenizer", None), cfg.data.max_text_tokens)
     ids, preds, labels = predict_module(model, samples, collator, args.batch_size)
     out = Path(args.out or f"predictions-{name}.csv")

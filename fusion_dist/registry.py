@@ -51,17 +51,21 @@ def frame_to_samples(frame: pd.DataFrame, dims: dict[str, int]) -> list[dict]:
     if missing:
         raise MlflowException(f"input is missing column(s) {missing}; expected {list(COLUMNS)}",
                               error_code="INVALID_PARAMETER_VALUE")
+    from data_prep.ingest import check_frames
+
     samples = []
-    for row in frame.itertuples(index=False):
-        sample = {"id": str(row.id), "raw_text": str(row.text), "label": float("nan")}
-        for mod, dim in dims.items():
-            value = getattr(row, mod)
-            feats = np.stack([np.asarray(f, dtype=np.float32) for f in value]) if len(value) else \
-                np.zeros((0, dim), np.float32)
-            if feats.ndim != 2 or feats.shape[1] != dim:
-                raise MlflowException(f"row {row.id}: {mod} must be frames x {dim}, got shape {feats.shape}",
-                                      error_code="INVALID_PARAMETER_VALUE")
-            sample[mod] = np.nan_to_num(feats, neginf=0.0, posinf=0.0)
+    for n, row in enumerate(frame.itertuples(index=False)):
+        where = f"row {n} (id {row.id!r})"
+        try:
+            if not isinstance(row.text, str):
+                raise UserError(f"{where}: column 'text': {row.text!r} is not a string")
+            sample = {"id": str(row.id), "raw_text": row.text, "label": float("nan")}
+            for mod, dim in dims.items():
+                value = getattr(row, mod)
+                frames = np.stack([np.asarray(f) for f in value]) if len(value) else np.zeros((0, dim), np.float32)
+                sample[mod] = check_frames(frames, f"{where}: column '{mod}'", dim)  # prepare's rules
+        except (UserError, ValueError) as exc:
+            raise MlflowException(str(exc), error_code="INVALID_PARAMETER_VALUE") from None
         samples.append(sample)
     return samples
 

@@ -449,6 +449,15 @@ class Tracker:
             _say(f"{pending} tracking records are still not on {self.uri}; they are kept in "
                  f"{self.journal.path}; send them later with: fusion-dist sync-tracking {self.run_dir}")
 
+    def fail(self, status: str = "FAILED") -> None:
+        """A run that died after setup: its open runs end with ``status`` (journal first, then the server); the
+        resume reopens them as RUNNING."""
+        if not self.active:
+            return
+        if self._current not in (None, "parent"):
+            self.end_child(status=status)
+        self.end_parent(status=status)
+
     # -- internals -----------------------------------------------------------------------------------
 
     def _open(self, key: str, parent: str | None, name: str, tags: dict, artifact_location: str | None,

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import uuid
 from pathlib import Path
 
@@ -243,3 +244,21 @@ def test_own_data_dim_disagrees(tmp_path, capsys):
     src = _own_data(tmp_path, bad="dim")
     run_err(capsys, ["prepare", str(src), str(tmp_path / "out")], "data.jsonl", "line 6", "'vision'", "dim 6", "7")
     assert_nothing_written(tmp_path / "out")
+
+
+def test_the_served_model_applies_the_same_sample_rules():
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from fusion_dist.registry import frame_to_samples
+
+    dims = {"audio": 5, "vision": 20}
+    good = {"id": "c1", "text": "fine", "audio": np.zeros((3, 5)).tolist(), "vision": np.ones((2, 20)).tolist()}
+    (sample,) = frame_to_samples(pd.DataFrame([good]), dims)
+    assert sample["audio"].shape == (3, 5) and sample["audio"].dtype == np.float32
+    for bad, needle in [({"audio": np.full((3, 5), np.nan).tolist()}, "NaN or +inf"),
+                        ({"text": None}, "'text': None is not a string"),
+                        ({"vision": np.ones((2, 7)).tolist()}, "feature dim 7, expected 20"),
+                        ({"audio": [["x"] * 5] * 3}, "not numeric")]:
+        with pytest.raises(MlflowException, match=re.escape(needle)):
+            frame_to_samples(pd.DataFrame([{**good, **bad}]), dims)

@@ -32,17 +32,45 @@ def test_training_steps_reduce_the_loss(backbones, arch, family, precision):
     assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
 
 
+@pytest.fixture(scope="module")
+def stage1_exports(tmp_path_factory) -> dict[bool, str]:
+    """Stage-1 exports (AV encoder weights + config, as ``pretrain-av`` writes them), with and without BatchNorm."""
+    from fusion_dist.config import Config, DataConfig
+    from fusion_dist.models import save_av_encoder
+
+    out = {}
+    for batchnorm in (True, False):
+        cfg = Config(data=DataConfig(root="unused"), model=tiny_cfg("unused", av__batchnorm=batchnorm))
+        pretrainer = build_av_pretrainer(cfg.model.av, AUDIO_DIM, VISION_DIM, head_hidden=16)
+        out[batchnorm] = str(save_av_encoder(pretrainer.av_encoder, tmp_path_factory.mktemp("stage1"), cfg))
+    return out
+
+
+@pytest.mark.parametrize("init", ["random+tune", "pretrained+tune", "pretrained+frozen"])
+@pytest.mark.parametrize("batchnorm", [True, False])
+@pytest.mark.parametrize("lora", [True, False])
 @pytest.mark.parametrize("family", ["deepmlf", "dmpf"])
-def test_bf16_model_casts_fp32_features(backbones, family):
-    cfg = tiny_cfg(backbones["llama"], family, lora__enabled=True)
+def test_bf16_model_casts_fp32_features(backbones, stage1_exports, family, lora, batchnorm, init):
+    cfg = tiny_cfg(backbones["llama"], family, lora__enabled=lora, av__batchnorm=batchnorm, av__init=init,
+                   av__checkpoint=None if init == "random+tune" else stage1_exports[batchnorm])
     model = build_model(cfg, AUDIO_DIM, VISION_DIM, dtype=torch.bfloat16).train()
     # one dtype for every parameter (what DeepSpeed's flat buffers need); BatchNorm statistics stay fp32
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     stats = [b for n, b in model.named_buffers() if "running_" in n]
-    assert stats and all(b.dtype == torch.float32 for b in stats)
+    assert (stats or not batchnorm) and all(b.dtype == torch.float32 for b in stats)
     out = model(planted_batch(model.tokenizer, n=4))
     out.loss.backward()
     assert out.prediction.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_a_stage1_export_of_another_shape_is_refused_naming_the_keys(backbones, stage1_exports):
+    from fusion_dist.errors import UserError
+
+    cfg = tiny_cfg(backbones["gpt2"], av__batchnorm=False, av__init="pretrained+tune", av__checkpoint=stage1_exports[True])
+    with pytest.raises(UserError, match=r"model\.av\.batchnorm True there, False here"):
+        build_model(cfg, AUDIO_DIM, VISION_DIM)
 
 
 def test_av_pretrainer_learns(backbones):

@@ -150,8 +150,12 @@ def save_av_encoder(encoder: AVEncoder, directory: str | Path, cfg) -> Path:
     return directory
 
 
-def load_av_encoder(directory: str | Path) -> AVEncoder:
-    """Rebuild the encoder a stage-1 export holds (its own ``model.av`` config and feature dims)."""
+SHAPE_KEYS = ("maxlen", "d_enc", "n_layers", "n_heads", "d_av", "batchnorm")  # model.av keys that shape the weights
+
+
+def load_av_encoder(directory: str | Path, expected: AVEncoderConfig | None = None) -> AVEncoder:
+    """Rebuild the encoder a stage-1 export holds (its own ``model.av`` config and feature dims); with
+    ``expected`` (stage 2's ``model.av``), refuse an export whose weights have another shape, naming the keys."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -163,6 +167,12 @@ def load_av_encoder(directory: str | Path) -> AVEncoder:
     with safe_open(str(weights), "pt") as fh:
         metadata = fh.metadata() or {}
     dims = {m: int(metadata[f"{m}_dim"]) for m in MODALITIES if f"{m}_dim" in metadata}
-    encoder = AVEncoder(dims, from_yaml(config.read_text()).model.av)
+    saved = from_yaml(config.read_text()).model.av
+    diffs = [f"model.av.{k} {getattr(saved, k)!r} there, {getattr(expected, k)!r} here" for k in SHAPE_KEYS
+             if expected is not None and getattr(saved, k) != getattr(expected, k)]
+    if diffs:
+        raise UserError(f"model.av.checkpoint: {directory} was trained with other encoder values ({'; '.join(diffs)}); "
+                        "set them as the export has them")
+    encoder = AVEncoder(dims, saved)
     encoder.load_state_dict(load_file(str(weights)))
     return encoder

@@ -16,6 +16,9 @@ import contextlib
 import importlib.util
 import json
 import logging
+import os
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -73,13 +76,34 @@ def gathered(params: Iterable[nn.Parameter], modifier_rank: int | None = None):
 
 
 def _check_local(name_or_dir: str) -> None:
+    """A local model directory, or a hub name that is cached or whose hub answers: found in seconds, not
+    after the hub client's retries."""
     path = Path(name_or_dir)
-    looks_local = path.exists() or name_or_dir.startswith((".", "/", "~")) or name_or_dir.count("/") > 1
-    if looks_local and not (path / "config.json").is_file():
-        raise UserError(
-            f"model.backbone: '{name_or_dir}' is not a model directory (no config.json); "
-            "create one with 'fusion-dist make-backbone' or give a hub name"
-        )
+    looks_local = (path.exists() or name_or_dir.startswith((".", "/", "~")) or name_or_dir.count("/") > 1
+                   or (path.parent != Path(".") and path.parent.is_dir()))
+    if looks_local:
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"model.backbone: '{name_or_dir}' is not a model directory (no config.json); "
+                "create one with 'fusion-dist make-backbone' or give a hub name"
+            )
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name_or_dir, "config.json"), str):
+        return
+    hint = "give a local model directory (e.g. ./backbones/NAME) or download the model into the HF cache first"
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"model.backbone: '{name_or_dir}' is no local directory and not in the HF cache, and "
+                        f"HF_HUB_OFFLINE is set; {hint}")
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # the hub is reached through a proxy: let the client try
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as exc:
+        raise UserError(f"model.backbone: '{name_or_dir}' is no local directory and the hub ({host}) cannot be "
+                        f"reached ({exc}); {hint}") from None
 
 
 def load_backbone_config(name_or_dir: str):

@@ -39,8 +39,6 @@ def validate(cfg: ModelConfig, num_layers: int, hidden_size: int) -> None:
         raise ConfigError(
             f"model.mm_layers: {bad} out of range for a {num_layers}-layer backbone (0-based, 0..{num_layers - 1})"
         )
-    if len(set(cfg.mm_layers)) != len(cfg.mm_layers):
-        raise ConfigError(f"model.mm_layers: {list(cfg.mm_layers)} lists a layer twice")
     if cfg.family == "deepmlf" and cfg.n_fusion <= 0:
         raise ConfigError(f"model.n_fusion: must be > 0, got {cfg.n_fusion}")
     if cfg.family == "dmpf":
@@ -112,7 +110,7 @@ def init_av_encoder(model: nn.Module, av_cfg: AVEncoderConfig, audio_dim: int, v
     """Fusion curriculum: ``pretrained+tune`` / ``pretrained+frozen`` load the stage-1 encoder; ``random+tune`` keeps init."""
     if not av_cfg.init.startswith("pretrained"):
         return
-    stage1 = load_av_encoder(av_cfg.checkpoint)
+    stage1 = load_av_encoder(av_cfg.checkpoint, av_cfg)
     want = {"audio": audio_dim, "vision": vision_dim}
     if stage1.dims != want:
         raise UserError(

@@ -1,7 +1,7 @@
 """One training loop for both stages, on the DeepSpeed engine, on any number of ranks.
 
-    fusion-dist pretrain-av CONFIG [key=value ...]   # stage 1: the AV encoder alone (export -> model.av.checkpoint)
-    fusion-dist train CONFIG [key=value ...]         # stage 2: DeepMLF / DMPF
+    fusion-dist pretrain-av CONFIG [key=value ...] [--restart]   # stage 1: the AV encoder alone (-> model.av.checkpoint)
+    fusion-dist train CONFIG [key=value ...] [--restart]         # stage 2: DeepMLF / DMPF
     fusion-dist evaluate CONFIG [key=value ...]      # metrics of each seed's best checkpoint
     launched by any launcher, e.g.  deepspeed --num_gpus 2 $(which fusion-dist) train CONFIG
 
@@ -16,7 +16,8 @@ Run directory (SPEC 7)::
 
     config.yaml  ds_config.json  metrics.json  predictions/<split>[-seed<S>].csv  export/
     checkpoints/seed<S>/step<N>/   DeepSpeed states without frozen weights + trainable.safetensors (gathered)
-    checkpoints/seed<S>/latest     written only after every rank finished saving
+    checkpoints/seed<S>/step<N>/complete   written once every rank finished saving the tag
+    checkpoints/seed<S>/latest     the tag to resume from, written after ``complete``
     checkpoints/seed<S>/result.json   the seed's final metrics (a finished seed is not trained again)
     logs/seed<S>.jsonl             one line per optimizer step: losses by term, lr, grad norm
 
@@ -50,10 +51,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from fusion_dist.config import Config, batch_geometry, from_yaml, load_config, to_flat_dict, to_yaml
-from fusion_dist.data import Collator, RankSampler, ShardDataset, read_manifest
+from fusion_dist.config import Config, ConfigError, batch_geometry, from_yaml, load_config, to_flat_dict, to_yaml
+from fusion_dist.data import Collator, RankSampler, ShardDataset, check_root, read_manifest
 from fusion_dist.errors import UserError
-from fusion_dist.export import build_for_stage, rebuild, weights_of, write_export
+from fusion_dist.export import build_for_stage, check_export_target, rebuild, weights_of, write_export
 from fusion_dist.train import dist
 from fusion_dist.train.dist import log
 from fusion_dist.train.metrics import MOSI_NAMES, SIMS_NAMES, json_safe, mmsa_metrics
@@ -61,6 +62,7 @@ from fusion_dist.train.metrics import MOSI_NAMES, SIMS_NAMES, json_safe, mmsa_me
 PREEMPTED_EXIT = 85
 KEY_METRIC = "MAE"  # early stopping and best checkpoint: lower is better
 TRAINABLE = "trainable.safetensors"
+COMPLETE = "complete"  # in a checkpoint tag, written once every rank saved its part
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -166,9 +168,31 @@ class Checkpoints:
     def __init__(self, root: Path, keep_last: int):
         self.root, self.keep_last = root, keep_last
 
+    def tags(self) -> list[str]:
+        """Complete checkpoints (every rank's shards on disk), oldest first."""
+        done = [p.name for p in self.root.glob("step*") if (p / COMPLETE).is_file()]
+        return sorted(done, key=lambda t: int(t[4:]))
+
+    def check(self) -> None:
+        """Before a run starts: surviving checkpoints without ``latest`` are never trained over (or pruned)."""
+        if not (self.root / "latest").is_file() and self.tags():
+            raise UserError(f"{self.root}/latest: missing, but checkpoints {', '.join(self.tags())} survive; write "
+                            "the tag to resume from into it, or pass --restart to train from scratch")
+
     def latest(self) -> str | None:
+        """The tag to resume from: ``latest``'s, or the newest complete one when that is gone or incomplete."""
         f = self.root / "latest"
-        return f.read_text().strip() if f.is_file() else None
+        if not f.is_file():
+            return None
+        tag = f.read_text().strip()
+        if (self.root / tag / COMPLETE).is_file():
+            return tag
+        if not self.tags():
+            raise UserError(f"{f}: names {tag}, which is missing or incomplete, and no complete checkpoint is left; "
+                            "pass --restart to train from scratch")
+        log.warning(f"{f}: names {tag}, which is missing or incomplete; resuming from {self.tags()[-1]}, the newest "
+                    "complete checkpoint")
+        return self.tags()[-1]
 
     def save(self, engine, tag: str, client_state: dict, best_tag: str | None, denv: dist.DistEnv) -> None:
         # the frozen backbone (and frozen FFW copies) is rebuilt from model.backbone on resume, never written:
@@ -178,8 +202,9 @@ class Checkpoints:
         weights = gathered_weights(engine.module)
         if denv.is_main:
             save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(self.root / tag / TRAINABLE))
-        dist.barrier()  # every rank's shards are on disk before 'latest' may point at them
+        dist.barrier()  # every rank's shards are on disk before the tag counts as complete
         if denv.is_main:
+            (self.root / tag / COMPLETE).touch()
             _atomic_write(self.root / "latest", tag)
             self._prune(keep={tag, best_tag})
         dist.barrier()
@@ -213,6 +238,15 @@ def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> N
         module.load_state_dict(weights, strict=False)  # non-persistent buffers (constants) are not loaded
 
 
+def best_seed(results: dict[int, dict]) -> int:
+    """The seed whose best checkpoint has the lowest validation MAE (a missing or non-finite one never wins)."""
+    def mae(seed: int) -> float:
+        v = results[seed]["valid"].get(KEY_METRIC)
+        return math.inf if v is None or not math.isfinite(v) else v
+
+    return min(results, key=mae)
+
+
 def best_checkpoint(run_dir: Path, seed: int | None) -> tuple[str, Path]:
     """(stage, trainable weights file of the best checkpoint) of ``seed``, or of the seed with the best
     validation MAE."""
@@ -223,7 +257,7 @@ def best_checkpoint(run_dir: Path, seed: int | None) -> tuple[str, Path]:
     if not results:
         raise UserError(f"{run_dir}: no finished training (no checkpoints/seed*/result.json)")
     if seed is None:
-        seed = min(results, key=lambda s: results[s]["valid"].get(KEY_METRIC) or math.inf)
+        seed = best_seed(results)
     if seed not in results:
         raise UserError(f"{run_dir}: no finished seed {seed}; finished: {sorted(results)}")
     r = results[seed]
@@ -252,23 +286,33 @@ class Preempted(Exception):
 # ----------------------------------------------------------------------------- the run
 
 
-def _check_resumable(cfg: Config, run_dir: Path, stage: str) -> None:
-    """Refuse to resume a run whose model config changed (naming the keys)."""
+# train.* keys a resumed run takes as given (README "Resuming a run"). Every other train.* key, every model.* key
+# and data.max_text_tokens are fixed by the checkpoints: the model, its optimizer and schedule were built from them
+# and DeepSpeed restores those, so a new value would be recorded but not used.
+RESUME_APPLIES = ("train.eval_batch_size", "train.patience", "train.checkpoint_every_steps", "train.keep_last",
+                  "train.log_every_steps", "train.dist_timeout_s", "train.activation_checkpointing")
+
+
+def _check_resumable(cfg: Config, run_dir: Path, stage: str, training: bool = True) -> list[str]:
+    """Refuse to continue (``training``) or evaluate a run with values its checkpoints cannot take, naming each
+    key old -> new; returns the changed keys that do apply."""
     saved_file = run_dir / "config.yaml"
-    if not saved_file.is_file() or not any(run_dir.glob("checkpoints/seed*/latest")):
-        return
-    saved = to_flat_dict(from_yaml(saved_file.read_text()))
-    now = to_flat_dict(cfg)
-    changed = [k for k in now if k.startswith("model.") and saved.get(k) != now[k]]
-    if changed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise UserError(
-            f"{run_dir}: has checkpoints of another model config ({diffs}); "
-            "use a new run.dir or delete the old checkpoints"
-        )
+    if not saved_file.is_file() or not any(run_dir.glob("checkpoints/seed*/step*")):
+        return []
     stage_file = run_dir / "stage"
     if stage_file.is_file() and stage_file.read_text().strip() != stage:
         raise UserError(f"{run_dir}: holds a '{stage_file.read_text().strip()}' run, not '{stage}'")
+    saved = to_flat_dict(from_yaml(saved_file.read_text()))
+    now = to_flat_dict(cfg)
+    changed = [k for k in now if saved.get(k) != now[k]]
+    fixed = [k for k in changed if k.startswith("model.") or k == "data.max_text_tokens"
+             or (training and k.startswith("train.") and k not in RESUME_APPLIES)]
+    if fixed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in fixed)
+        how = ("a resumed run keeps what its checkpoints were built with; use a new run.dir, or pass --restart to "
+               "train this one from scratch" if training else "evaluate with the values the run was trained with")
+        raise UserError(f"{run_dir}: has checkpoints trained with other values ({diffs}); {how}")
+    return [k for k in changed if k in RESUME_APPLIES]
 
 
 class SeedRun:
@@ -285,8 +329,7 @@ class SeedRun:
     # -- pieces
 
     def _datasets(self):
-        v = self.cfg.data.verify_checksums
-        return {s: ShardDataset(self.cfg.data.root, s, verify=v) for s in ("train", "valid", "test")}
+        return {s: ShardDataset(self.cfg.data.root, s) for s in ("train", "valid", "test")}  # checked in _setup
 
     def _train_cfg(self):
         t = self.cfg.train
@@ -314,12 +357,7 @@ class SeedRun:
         micro, accum = geometry.micro, geometry.accumulation
         sampler = RankSampler(len(data["train"]), denv.rank, denv.world_size, shuffle=True, seed=self.seed,
                               drop_last=True, chunk=micro)
-        steps_per_epoch = len(sampler) // (micro * accum)
-        if steps_per_epoch == 0:
-            raise UserError(
-                f"data.root: {len(data['train'])} training samples give no full step of global batch "
-                f"{t.global_batch_size}; lower train.global_batch_size"
-            )
+        steps_per_epoch = geometry.steps_per_epoch(len(data["train"]))
         total = t.epochs * steps_per_epoch
         engine = E.initialize(model, self._train_cfg(), self.ds_config, total, round(t.warmup_epochs * steps_per_epoch))
         log.info(
@@ -525,17 +563,21 @@ def _check_model_inputs(cfg: Config) -> None:
     config = load_backbone_config(cfg.model.backbone)
     validate(cfg.model, config.num_hidden_layers, config.hidden_size)
     if cfg.model.av.init.startswith("pretrained"):
-        load_av_encoder(cfg.model.av.checkpoint)
+        load_av_encoder(cfg.model.av.checkpoint, cfg.model.av)
 
 
-def _setup(cfg: Config, stage: str):
-    """Checks that must fail before any heavy work, then the process group and the run directory."""
+def _setup(cfg: Config, stage: str, restart: bool = False):
+    """Checks that must fail before any heavy work, then the process group and the run directory (emptied of
+    its checkpoints and step logs first with ``restart``)."""
     denv = dist.init_distributed(cfg.train.dist_timeout_s)
-    manifest = read_manifest(cfg.data.root)
+    manifest = check_root(cfg.data.root, cfg.data.verify_checksums)
     from fusion_dist.train import engine as E
 
     E.check_train_config(cfg.train)
-    batch_geometry(cfg.train, denv.world_size)
+    n_train = manifest["splits"]["train"]["rows"]
+    if batch_geometry(cfg.train, denv.world_size).steps_per_epoch(n_train) == 0:
+        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size}: larger than the "
+                          f"{n_train} training samples of {cfg.data.root}; lower it")
     E.return_freed_memory_promptly()
     if stage == "train":
         _check_model_inputs(cfg)
@@ -545,8 +587,20 @@ def _setup(cfg: Config, stage: str):
                                                                    if p.requires_grad))
     del shape
     run_dir = Path(cfg.run.dir)
-    _check_resumable(cfg, run_dir, stage)
+    check_export_target(run_dir / "export", run_dir)
+    if not restart:
+        applied = _check_resumable(cfg, run_dir, stage)
+        for seed in cfg.run.seeds:
+            ckpt = Checkpoints(run_dir / "checkpoints" / f"seed{seed}", cfg.train.keep_last)
+            ckpt.check()
+            if applied and (ckpt.root / "result.json").is_file():
+                log.warning(f"seed {seed}: already finished; {', '.join(applied)} changed since, which does not "
+                            "train it again (use a new run.dir, or --restart)")
+    dist.barrier()  # every rank checked the old state before rank 0 changes it
     if denv.is_main:
+        if restart:
+            for old in (run_dir / "checkpoints", run_dir / "logs"):
+                shutil.rmtree(old, ignore_errors=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(run_dir / "config.yaml", to_yaml(cfg))
         _atomic_write(run_dir / "ds_config.json", json.dumps(ds_config, indent=2))
@@ -555,8 +609,8 @@ def _setup(cfg: Config, stage: str):
     return denv, manifest, ds_config, run_dir
 
 
-def train_command(cfg: Config, stage: str) -> int:
-    denv, manifest, ds_config, run_dir = _setup(cfg, stage)
+def train_command(cfg: Config, stage: str, restart: bool = False) -> int:
+    denv, manifest, ds_config, run_dir = _setup(cfg, stage, restart)
     log.info(to_yaml(cfg))
     from fusion_dist.tracking import Tracker
 
@@ -575,14 +629,16 @@ def train_command(cfg: Config, stage: str) -> int:
         log.warning(f"{exc}; exiting with {PREEMPTED_EXIT} so the job can be requeued")
         dist.shutdown()
         return PREEMPTED_EXIT
+    except BaseException as exc:  # the runs end FAILED (KILLED when interrupted); a resume reopens them
+        tracker.fail("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
     summary = summarize(results, manifest.get("metrics", "mosi"))
     if denv.is_main:
         _atomic_write(run_dir / "metrics.json", json.dumps(json_safe(summary), indent=2))
-        best_seed = min(results, key=lambda s: results[s]["valid"].get(KEY_METRIC) or math.inf)
-        best = results[best_seed]
+        seed = best_seed(results)
         write_export(run_dir / "export", cfg, stage,
-                     load_file(str(run_dir / "checkpoints" / f"seed{best_seed}" / best["best_tag"] / TRAINABLE)),
-                     manifest)
+                     load_file(str(run_dir / "checkpoints" / f"seed{seed}" / results[seed]["best_tag"] / TRAINABLE)),
+                     manifest, run_dir)
         _print_summary(summary)
     tracker.log_artifact(run_dir / "metrics.json")
     tracker.end_parent({f"test/{k}_mean": v for k, v in summary["mean"]["test"].items() if math.isfinite(v)})
@@ -600,7 +656,7 @@ def evaluate_command(cfg: Config) -> int:
     if not stage_file.is_file():
         raise UserError(f"run.dir: {run_dir} holds no training run")
     stage = stage_file.read_text().strip()
-    _check_resumable(cfg, run_dir, stage)
+    _check_resumable(cfg, run_dir, stage, training=False)
     dims = {m: manifest["features"][m]["dim"] for m in ("audio", "vision")}
     data = {s: ShardDataset(cfg.data.root, s) for s in ("valid", "test")}
     results = {}
@@ -627,21 +683,26 @@ def evaluate_command(cfg: Config) -> int:
 # ----------------------------------------------------------------------------- CLI entry points
 
 
-def _parse(argv: list[str], prog: str) -> Config:
+def _parse(argv: list[str], prog: str) -> tuple[Config, bool]:
     p = argparse.ArgumentParser(prog=f"fusion-dist {prog}")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    if prog != "evaluate":
+        p.add_argument("--restart", action="store_true",
+                       help="train run.dir from scratch: delete its checkpoints and step logs first")
     args = p.parse_args(argv)
-    return load_config(args.config, args.overrides)
+    return load_config(args.config, args.overrides), getattr(args, "restart", False)
 
 
 def main_pretrain_av(argv: list[str]) -> int:
-    return train_command(_parse(argv, "pretrain-av"), "pretrain-av")
+    cfg, restart = _parse(argv, "pretrain-av")
+    return train_command(cfg, "pretrain-av", restart)
 
 
 def main_train(argv: list[str]) -> int:
-    return train_command(_parse(argv, "train"), "train")
+    cfg, restart = _parse(argv, "train")
+    return train_command(cfg, "train", restart)
 
 
 def main_evaluate(argv: list[str]) -> int:
-    return evaluate_command(_parse(argv, "evaluate"))
+    return evaluate_command(_parse(argv, "evaluate")[0])

@@ -38,10 +38,10 @@ def command(sub: str, args: list[str], ranks: int, launcher: str = "torchrun") -
             "-m", "fusion_dist.cli", sub, *args]
 
 
-def run_cli(sub: str, args: list[str], ranks: int = 1, timeout: float = 300,
-            launcher: str = "torchrun") -> subprocess.CompletedProcess:
+def run_cli(sub: str, args: list[str], ranks: int = 1, timeout: float = 300, launcher: str = "torchrun",
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(command(sub, args, ranks, launcher), env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd)
 
 
 def popen_cli(sub: str, args: list[str], ranks: int, launcher: str = "torchrun") -> subprocess.Popen:

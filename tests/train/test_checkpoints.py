@@ -1,0 +1,92 @@
+"""The checkpoint store and the resume guard without training: which tags survive pruning, which tag a run
+resumes from, which seed's best checkpoint is chosen, and which config changes a resume refuses."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fusion_dist.config import load_config, to_yaml
+from fusion_dist.errors import UserError
+from fusion_dist.train.trainer import COMPLETE, TRAINABLE, Checkpoints, _check_resumable, best_checkpoint
+
+
+def make_tags(root: Path, steps, complete=True) -> None:
+    for s in steps:
+        (root / f"step{s}").mkdir(parents=True)
+        if complete:
+            (root / f"step{s}" / COMPLETE).touch()
+
+
+def test_pruning_keeps_the_last_k_and_the_best(tmp_path):
+    ck = Checkpoints(tmp_path, keep_last=2)
+    make_tags(tmp_path, [3, 6, 9, 12, 15])
+    ck._prune(keep={"step15", "step6"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step12", "step15", "step6"]
+    Checkpoints(tmp_path, keep_last=0)._prune(keep={"step15", "step6"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step15", "step6"]
+
+
+def test_resume_tag_falls_back_to_the_newest_complete_one(tmp_path):
+    ck = Checkpoints(tmp_path, keep_last=2)
+    assert ck.latest() is None
+    make_tags(tmp_path, [3, 10])
+    make_tags(tmp_path, [12], complete=False)  # the save that was killed
+    assert ck.tags() == ["step3", "step10"]  # by step number, not by name
+    (tmp_path / "latest").write_text("step10\n")
+    assert ck.latest() == "step10"
+    for gone in ("step12", "step99"):
+        (tmp_path / "latest").write_text(gone)
+        assert ck.latest() == "step10"
+    for tag in ("step3", "step10"):
+        (tmp_path / tag / COMPLETE).unlink()
+    with pytest.raises(UserError, match="no complete checkpoint is left"):
+        ck.latest()
+
+
+def test_checkpoints_without_latest_are_refused(tmp_path):
+    ck = Checkpoints(tmp_path, keep_last=2)
+    ck.check()  # nothing there: a fresh start
+    make_tags(tmp_path, [4, 8])
+    with pytest.raises(UserError, match="latest: missing, but checkpoints step4, step8 survive"):
+        ck.check()
+    (tmp_path / "latest").write_text("step8")
+    ck.check()
+
+
+def finish_seed(run_dir: Path, seed: int, mae: float | None) -> None:
+    d = run_dir / "checkpoints" / f"seed{seed}"
+    make_tags(d, [5])
+    (d / "step5" / TRAINABLE).touch()
+    (d / "result.json").write_text(json.dumps({"seed": seed, "stage": "train", "best_tag": "step5",
+                                               "valid": {"MAE": mae}, "test": {"MAE": 1.0}}))
+
+
+def test_best_checkpoint_is_the_seed_with_the_lowest_validation_mae(tmp_path):
+    with pytest.raises(UserError, match="no finished training"):
+        best_checkpoint(tmp_path, None)
+    finish_seed(tmp_path, 0, 0.4)
+    finish_seed(tmp_path, 1, 0.0)  # a perfect score is the best, not a missing one
+    finish_seed(tmp_path, 2, None)  # not finite: never chosen
+    stage, path = best_checkpoint(tmp_path, None)
+    assert stage == "train" and path == tmp_path / "checkpoints/seed1/step5" / TRAINABLE
+    assert best_checkpoint(tmp_path, 0)[1].parts[-3] == "seed0"
+    with pytest.raises(UserError, match="no finished seed 7; finished: \\[0, 1, 2\\]"):
+        best_checkpoint(tmp_path, 7)
+
+
+def test_the_resume_guard_names_what_a_resume_cannot_take(tmp_path):
+    base = ["data.root=/d", "model.backbone=/b", f"run.dir={tmp_path}", "model.mm_layers=[1,3]"]
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config(None, base)))
+    (tmp_path / "stage").write_text("train")
+    changed = load_config(None, [*base, "train.lr=5e-3", "model.n_fusion=4", "train.patience=3"])
+    assert _check_resumable(changed, tmp_path, "train") == []  # no checkpoint yet: anything goes
+    make_tags(tmp_path / "checkpoints/seed0", [5])
+    with pytest.raises(UserError, match=r"model\.n_fusion: 8 -> 4, train\.lr: 0\.0001 -> 0\.005"):
+        _check_resumable(changed, tmp_path, "train")
+    applied = load_config(None, [*base, "train.patience=3", "train.keep_last=5", "data.root=/moved", "run.seeds=[0,1]"])
+    assert _check_resumable(applied, tmp_path, "train") == ["train.patience", "train.keep_last"]
+    # evaluation only needs the model to be the same
+    assert _check_resumable(load_config(None, [*base, "train.lr=5e-3"]), tmp_path, "train", training=False) == []
+    with pytest.raises(UserError, match="holds a 'train' run, not 'pretrain-av'"):
+        _check_resumable(applied, tmp_path, "pretrain-av")
