@@ -201,7 +201,7 @@ def load_export(export_dir: str | Path, backbone: str | None = None):
 
 
 def main_export(argv: list[str]) -> int:
-    from fusion_dist.train.trainer import best_checkpoint
+    from fusion_dist.train.checkpoint import best_checkpoint
 
     p = argparse.ArgumentParser(prog="fusion-dist export", description="trainable weights + config of a run's best checkpoint")
     p.add_argument("run_dir")
@@ -223,8 +223,8 @@ def main_export(argv: list[str]) -> int:
 
 def main_predict(argv: list[str]) -> int:
     from data_prep import ingest
-    from fusion_dist.data import Collator, ShardDataset
-    from fusion_dist.train.trainer import predict_module, write_predictions
+    from fusion_dist.data import ShardDataset
+    from fusion_dist.predict import collator_for, predict_module, write_predictions
 
     p = argparse.ArgumentParser(prog="fusion-dist predict", description="predictions of an exported model")
     p.add_argument("export_dir")
@@ -247,7 +247,7 @@ def main_predict(argv: list[str]) -> int:
         samples = [ds[i] for i in range(len(ds))]
         name = args.split
     model, _, cfg = load_export(args.export_dir, args.backbone)
-    collator = Collator(getattr(model, "tokenizer", None), cfg.data.max_text_tokens)
+    collator = collator_for(model, cfg.data.max_text_tokens)
     ids, preds, labels = predict_module(model, samples, collator, args.batch_size)
     out = Path(args.out or f"predictions-{name}.csv")
     write_predictions(out, ids, preds, labels)

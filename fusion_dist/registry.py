@@ -74,15 +74,15 @@ class SentimentModel(mlflow.pyfunc.PythonModel):
     """Rebuilds the network from the backbone + the export artifact; predicts one sentiment score per row."""
 
     def load_context(self, context) -> None:
-        from fusion_dist.data import Collator
+        from fusion_dist.predict import collator_for
         from fusion_dist.export import load_export
 
         self.model, meta, cfg = load_export(context.artifacts["export"])
         self.dims = {m: meta["features"][m]["dim"] for m in ("audio", "vision")}
-        self.collator = Collator(getattr(self.model, "tokenizer", None), cfg.data.max_text_tokens)
+        self.collator = collator_for(self.model, cfg.data.max_text_tokens)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from fusion_dist.train.trainer import predict_module
+        from fusion_dist.predict import predict_module
 
         ids, preds, _ = predict_module(self.model, frame_to_samples(model_input, self.dims), self.collator, 64)
         return pd.DataFrame({"id": list(ids), "prediction": np.asarray(preds, dtype=np.float64)})

@@ -36,77 +36,40 @@ that into ``scontrol requeue``; the requeued job resumes).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
-import os
 import random
 import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from fusion_dist.config import Config, ConfigError, batch_geometry, from_yaml, load_config, to_flat_dict, to_yaml
-from fusion_dist.data import Collator, RankSampler, ShardDataset, check_root, read_manifest
+from fusion_dist.config import Config, ConfigError, batch_geometry, load_config, to_flat_dict, to_yaml
+from fusion_dist.data import RankSampler, ShardDataset, check_root, read_manifest
 from fusion_dist.errors import UserError
-from fusion_dist.export import build_for_stage, check_export_target, rebuild, weights_of, write_export
+from fusion_dist.export import build_for_stage, check_export_target, rebuild, write_export
+from fusion_dist.predict import collator_for, evaluate_split, to_device, write_predictions
 from fusion_dist.train import dist
+from fusion_dist.train.checkpoint import (KEY_METRIC, TRAINABLE, Checkpoints, atomic_write, best_checkpoint, best_seed,
+                                          check_resumable, load_weights, rng_state, set_rng_state)
 from fusion_dist.train.dist import log
 from fusion_dist.train.metrics import MOSI_NAMES, SIMS_NAMES, json_safe, mmsa_metrics
 
 PREEMPTED_EXIT = 85
-KEY_METRIC = "MAE"  # early stopping and best checkpoint: lower is better
-TRAINABLE = "trainable.safetensors"
-COMPLETE = "complete"  # in a checkpoint tag, written once every rank saved its part
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def write_predictions(path: Path, ids: list[str], preds: list[float], labels: list[float]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["id", "prediction", "label"])
-        w.writerows(zip(ids, (repr(float(p)) for p in preds), (repr(float(t)) for t in labels)))
-    os.replace(tmp, path)
 
 
 def metric_table(rows: dict[str, dict[str, float]], names: list[str], stds: dict | None = None) -> str:
@@ -122,146 +85,6 @@ def metric_table(rows: dict[str, dict[str, float]], names: list[str], stds: dict
             cells.append(f"{s:>{width + 2}s}")
         lines.append(f"{label:12s}" + "".join(cells))
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def predict_module(forward: Callable | torch.nn.Module, samples, collator: Collator, batch_size: int,
-                   indices: list[int] | None = None) -> tuple[list[str], list[float], list[float]]:
-    """Predictions of ``forward`` (a model or engine, in eval mode) over ``samples[i]`` for ``indices``."""
-    module = getattr(forward, "module", forward)
-    device = next(module.parameters()).device
-    indices = list(range(len(samples))) if indices is None else indices
-    ids, preds, labels = [], [], []
-    with torch.no_grad():
-        for start in range(0, len(indices), batch_size):
-            batch = collator([samples[i] for i in indices[start : start + batch_size]])
-            out = forward(_to_device(batch, device))
-            ids += batch["ids"]
-            preds += out.prediction.float().cpu().tolist()
-            labels += batch["label"].tolist()
-    return ids, preds, labels
-
-
-def evaluate_split(forward, ds: ShardDataset, collator: Collator, batch_size: int, denv: dist.DistEnv):
-    """Every sample of the split exactly once across ranks, gathered in dataset order on every rank."""
-    indices = list(RankSampler(len(ds), denv.rank, denv.world_size, shuffle=False, seed=0))
-    part = predict_module(forward, ds, collator, batch_size, indices)
-    ordered: dict[int, tuple] = {}
-    for rank_indices, (ids, preds, labels) in zip(
-        dist.all_gather_object(indices), dist.all_gather_object(part)
-    ):
-        ordered.update({i: row for i, row in zip(rank_indices, zip(ids, preds, labels))})
-    if sorted(ordered) != list(range(len(ds))):
-        raise RuntimeError(f"evaluation of {ds.split} did not cover every sample exactly once")
-    ids, preds, labels = (list(col) for col in zip(*(ordered[i] for i in range(len(ds)))))
-    return ids, preds, labels
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-class Checkpoints:
-    """``checkpoints/seed<S>/``: DeepSpeed tags ``step<N>``, ``latest`` only after a complete save."""
-
-    def __init__(self, root: Path, keep_last: int):
-        self.root, self.keep_last = root, keep_last
-
-    def tags(self) -> list[str]:
-        """Complete checkpoints (every rank's shards on disk), oldest first."""
-        done = [p.name for p in self.root.glob("step*") if (p / COMPLETE).is_file()]
-        return sorted(done, key=lambda t: int(t[4:]))
-
-    def check(self) -> None:
-        """Before a run starts: surviving checkpoints without ``latest`` are never trained over (or pruned)."""
-        if not (self.root / "latest").is_file() and self.tags():
-            raise UserError(f"{self.root}/latest: missing, but checkpoints {', '.join(self.tags())} survive; write "
-                            "the tag to resume from into it, or pass --restart to train from scratch")
-
-    def latest(self) -> str | None:
-        """The tag to resume from: ``latest``'s, or the newest complete one when that is gone or incomplete."""
-        f = self.root / "latest"
-        if not f.is_file():
-            return None
-        tag = f.read_text().strip()
-        if (self.root / tag / COMPLETE).is_file():
-            return tag
-        if not self.tags():
-            raise UserError(f"{f}: names {tag}, which is missing or incomplete, and no complete checkpoint is left; "
-                            "pass --restart to train from scratch")
-        log.warning(f"{f}: names {tag}, which is missing or incomplete; resuming from {self.tags()[-1]}, the newest "
-                    "complete checkpoint")
-        return self.tags()[-1]
-
-    def save(self, engine, tag: str, client_state: dict, best_tag: str | None, denv: dist.DistEnv) -> None:
-        # the frozen backbone (and frozen FFW copies) is rebuilt from model.backbone on resume, never written:
-        # a tag holds the trainable state alone, whatever the backbone's size
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False,
-                               exclude_frozen_parameters=True)
-        weights = gathered_weights(engine.module)
-        if denv.is_main:
-            save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(self.root / tag / TRAINABLE))
-        dist.barrier()  # every rank's shards are on disk before the tag counts as complete
-        if denv.is_main:
-            (self.root / tag / COMPLETE).touch()
-            _atomic_write(self.root / "latest", tag)
-            self._prune(keep={tag, best_tag})
-        dist.barrier()
-
-    def _prune(self, keep: set) -> None:
-        tags = sorted((p for p in self.root.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
-        keep |= {p.name for p in tags[-self.keep_last :]} if self.keep_last > 0 else set()
-        for p in tags:
-            if p.name not in keep:
-                shutil.rmtree(p, ignore_errors=True)
-
-
-def gathered_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``weights_of(module)`` with ZeRO-3 partitions gathered (a collective: every rank calls it)."""
-    from fusion_dist.models import gathered
-
-    with gathered([p for n, p in module.named_parameters() if not n.startswith("lm.")]):
-        return {k: v.detach().clone() for k, v in weights_of(module).items()}
-
-
-def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Put ``weights`` (as ``gathered_weights`` returns them) back into ``module``, into ZeRO-3 partitions too
-    (a collective: every rank calls it with the same weights)."""
-    from fusion_dist.models import gathered
-
-    params = dict(module.named_parameters())
-    unexpected = set(weights) - set(params) - {n for n, _ in module.named_buffers()}
-    if unexpected:
-        raise UserError(f"trainable weights do not fit this model: unexpected {sorted(unexpected)[:5]}")
-    with gathered([params[k] for k in weights if k in params], modifier_rank=0), torch.no_grad():
-        module.load_state_dict(weights, strict=False)  # non-persistent buffers (constants) are not loaded
-
-
-def best_seed(results: dict[int, dict]) -> int:
-    """The seed whose best checkpoint has the lowest validation MAE (a missing or non-finite one never wins)."""
-    def mae(seed: int) -> float:
-        v = results[seed]["valid"].get(KEY_METRIC)
-        return math.inf if v is None or not math.isfinite(v) else v
-
-    return min(results, key=mae)
-
-
-def best_checkpoint(run_dir: Path, seed: int | None) -> tuple[str, Path]:
-    """(stage, trainable weights file of the best checkpoint) of ``seed``, or of the seed with the best
-    validation MAE."""
-    results = {}
-    for f in sorted(Path(run_dir, "checkpoints").glob("seed*/result.json")):
-        r = json.loads(f.read_text())
-        results[r["seed"]] = r
-    if not results:
-        raise UserError(f"{run_dir}: no finished training (no checkpoints/seed*/result.json)")
-    if seed is None:
-        seed = best_seed(results)
-    if seed not in results:
-        raise UserError(f"{run_dir}: no finished seed {seed}; finished: {sorted(results)}")
-    r = results[seed]
-    return r["stage"], Path(run_dir, "checkpoints", f"seed{seed}", r["best_tag"], TRAINABLE)
 
 
 # ----------------------------------------------------------------------------- preemption
@@ -284,35 +107,6 @@ class Preempted(Exception):
 
 
 # ----------------------------------------------------------------------------- the run
-
-
-# train.* keys a resumed run takes as given (README "Resuming a run"). Every other train.* key, every model.* key
-# and data.max_text_tokens are fixed by the checkpoints: the model, its optimizer and schedule were built from them
-# and DeepSpeed restores those, so a new value would be recorded but not used.
-RESUME_APPLIES = ("train.eval_batch_size", "train.patience", "train.checkpoint_every_steps", "train.keep_last",
-                  "train.log_every_steps", "train.dist_timeout_s", "train.activation_checkpointing")
-
-
-def _check_resumable(cfg: Config, run_dir: Path, stage: str, training: bool = True) -> list[str]:
-    """Refuse to continue (``training``) or evaluate a run with values its checkpoints cannot take, naming each
-    key old -> new; returns the changed keys that do apply."""
-    saved_file = run_dir / "config.yaml"
-    if not saved_file.is_file() or not any(run_dir.glob("checkpoints/seed*/step*")):
-        return []
-    stage_file = run_dir / "stage"
-    if stage_file.is_file() and stage_file.read_text().strip() != stage:
-        raise UserError(f"{run_dir}: holds a '{stage_file.read_text().strip()}' run, not '{stage}'")
-    saved = to_flat_dict(from_yaml(saved_file.read_text()))
-    now = to_flat_dict(cfg)
-    changed = [k for k in now if saved.get(k) != now[k]]
-    fixed = [k for k in changed if k.startswith("model.") or k == "data.max_text_tokens"
-             or (training and k.startswith("train.") and k not in RESUME_APPLIES)]
-    if fixed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in fixed)
-        how = ("a resumed run keeps what its checkpoints were built with; use a new run.dir, or pass --restart to "
-               "train this one from scratch" if training else "evaluate with the values the run was trained with")
-        raise UserError(f"{run_dir}: has checkpoints trained with other values ({diffs}); {how}")
-    return [k for k in changed if k in RESUME_APPLIES]
 
 
 class SeedRun:
@@ -352,7 +146,7 @@ class SeedRun:
         _seed_everything(self.seed)
         with E.model_init(self.ds_config):
             model = build_for_stage(cfg, self.stage, self.dims["audio"], self.dims["vision"])
-        collator = Collator(getattr(model, "tokenizer", None), cfg.data.max_text_tokens)
+        collator = collator_for(model, cfg.data.max_text_tokens)
         geometry = batch_geometry(t, denv.world_size)
         micro, accum = geometry.micro, geometry.accumulation
         sampler = RankSampler(len(data["train"]), denv.rank, denv.world_size, shuffle=True, seed=self.seed,
@@ -377,7 +171,7 @@ class SeedRun:
                     "resume with the same number of ranks"
                 )
             state = {k: client[k] for k in state}
-            _set_rng_state(client["rng"][denv.rank])
+            set_rng_state(client["rng"][denv.rank])
             log.info(f"seed {self.seed}: resumed from {tag} (epoch {state['epoch']}, step "
                      f"{state['step_in_epoch']} of {steps_per_epoch} in the epoch, global step {state['global_step']})")
         state["tracking"]["child"] = self.tracker.start_child(self.seed, state["tracking"]["child"])
@@ -386,14 +180,14 @@ class SeedRun:
             history.parent.mkdir(parents=True, exist_ok=True)
             kept = [ln for ln in (history.read_text().splitlines() if history.is_file() else [])
                     if json.loads(ln)["step"] <= state["global_step"]]
-            _atomic_write(history, "".join(ln + "\n" for ln in kept))
+            atomic_write(history, "".join(ln + "\n" for ln in kept))
 
         def save(tag: str) -> None:
             # A checkpoint keeps rank 0's module state, so the ranks' BatchNorm statistics must agree first
             # for a resumed run to continue like an uninterrupted one (the running averages are linear, so
             # averaging them early does not change the average taken at the epoch end).
             dist.average_buffers(engine.module)
-            client = {**state, "world_size": denv.world_size, "rng": dist.all_gather_object(_rng_state())}
+            client = {**state, "world_size": denv.world_size, "rng": dist.all_gather_object(rng_state())}
             self.ckpt.save(engine, tag, client, state["early_stopping"]["best_tag"], denv)
 
         es = state["early_stopping"]
@@ -415,7 +209,7 @@ class SeedRun:
                     # from the rank: the same micro-batch gets the same noise on any number of ranks
                     position = (state["step_in_epoch"] * accum + a) * denv.world_size + denv.rank
                     torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, position]).generate_state(1)[0]))
-                    out = engine(_to_device(next(batches), engine.device))
+                    out = engine(to_device(next(batches), engine.device))
                     engine.backward(out.loss)
                     engine.step()
                     for k, v in out.losses.items():
@@ -514,7 +308,7 @@ class SeedRun:
         with gathered([p for n, p in module.named_parameters() if "gate" in n]):
             return module.gate_values()
 
-    def _final_evaluation(self, engine, collator: Collator, best_tag: str, data: dict) -> dict:
+    def _final_evaluation(self, engine, collator, best_tag: str, data: dict) -> dict:
         """Score valid and test with the engine holding the best checkpoint's weights."""
         cfg, denv = self.cfg, self.denv
         result = {"seed": self.seed, "stage": self.stage, "best_tag": best_tag}
@@ -526,7 +320,7 @@ class SeedRun:
                 write_predictions(self.run_dir / "predictions" / f"{split}{suffix}.csv", ids, preds, labels)
         self.tracker.end_child({f"test/{k}": v for k, v in result["test"].items() if math.isfinite(v)})
         if denv.is_main:
-            _atomic_write(self.result_file(), json.dumps(json_safe(result), indent=2))
+            atomic_write(self.result_file(), json.dumps(json_safe(result), indent=2))
         dist.barrier()
         return json.loads(json.dumps(json_safe(result)))
 
@@ -589,7 +383,7 @@ def _setup(cfg: Config, stage: str, restart: bool = False):
     run_dir = Path(cfg.run.dir)
     check_export_target(run_dir / "export", run_dir)
     if not restart:
-        applied = _check_resumable(cfg, run_dir, stage)
+        applied = check_resumable(cfg, run_dir, stage)
         for seed in cfg.run.seeds:
             ckpt = Checkpoints(run_dir / "checkpoints" / f"seed{seed}", cfg.train.keep_last)
             ckpt.check()
@@ -602,9 +396,9 @@ def _setup(cfg: Config, stage: str, restart: bool = False):
             for old in (run_dir / "checkpoints", run_dir / "logs"):
                 shutil.rmtree(old, ignore_errors=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(run_dir / "config.yaml", to_yaml(cfg))
-        _atomic_write(run_dir / "ds_config.json", json.dumps(ds_config, indent=2))
-        _atomic_write(run_dir / "stage", stage)
+        atomic_write(run_dir / "config.yaml", to_yaml(cfg))
+        atomic_write(run_dir / "ds_config.json", json.dumps(ds_config, indent=2))
+        atomic_write(run_dir / "stage", stage)
     dist.barrier()
     return denv, manifest, ds_config, run_dir
 
@@ -634,7 +428,7 @@ def train_command(cfg: Config, stage: str, restart: bool = False) -> int:
         raise
     summary = summarize(results, manifest.get("metrics", "mosi"))
     if denv.is_main:
-        _atomic_write(run_dir / "metrics.json", json.dumps(json_safe(summary), indent=2))
+        atomic_write(run_dir / "metrics.json", json.dumps(json_safe(summary), indent=2))
         seed = best_seed(results)
         write_export(run_dir / "export", cfg, stage,
                      load_file(str(run_dir / "checkpoints" / f"seed{seed}" / results[seed]["best_tag"] / TRAINABLE)),
@@ -656,14 +450,14 @@ def evaluate_command(cfg: Config) -> int:
     if not stage_file.is_file():
         raise UserError(f"run.dir: {run_dir} holds no training run")
     stage = stage_file.read_text().strip()
-    _check_resumable(cfg, run_dir, stage, training=False)
+    check_resumable(cfg, run_dir, stage, training=False)
     dims = {m: manifest["features"][m]["dim"] for m in ("audio", "vision")}
     data = {s: ShardDataset(cfg.data.root, s) for s in ("valid", "test")}
     results = {}
     for seed in cfg.run.seeds:
         _, weights_file = best_checkpoint(run_dir, seed)
         model = rebuild(cfg, stage, dims["audio"], dims["vision"], load_file(str(weights_file)))
-        collator = Collator(getattr(model, "tokenizer", None), cfg.data.max_text_tokens)
+        collator = collator_for(model, cfg.data.max_text_tokens)
         results[seed] = {"seed": seed, "stage": stage, "best_tag": weights_file.parent.name}
         for split, ds in data.items():
             ids, preds, labels = evaluate_split(model, ds, collator, cfg.train.eval_batch_size, denv)
@@ -673,7 +467,7 @@ def evaluate_command(cfg: Config) -> int:
                 write_predictions(run_dir / "predictions" / f"{split}{suffix}.csv", ids, preds, labels)
     summary = summarize(json.loads(json.dumps(json_safe(results))), manifest.get("metrics", "mosi"))
     if denv.is_main:
-        _atomic_write(run_dir / "metrics.json", json.dumps(json_safe(summary), indent=2))
+        atomic_write(run_dir / "metrics.json", json.dumps(json_safe(summary), indent=2))
         _print_summary(summary)
     dist.barrier()
     dist.shutdown()

@@ -8,7 +8,7 @@ import pytest
 
 from fusion_dist.config import load_config, to_yaml
 from fusion_dist.errors import UserError
-from fusion_dist.train.trainer import COMPLETE, TRAINABLE, Checkpoints, _check_resumable, best_checkpoint
+from fusion_dist.train.checkpoint import COMPLETE, TRAINABLE, Checkpoints, best_checkpoint, check_resumable
 
 
 def make_tags(root: Path, steps, complete=True) -> None:
@@ -80,13 +80,13 @@ def test_the_resume_guard_names_what_a_resume_cannot_take(tmp_path):
     (tmp_path / "config.yaml").write_text(to_yaml(load_config(None, base)))
     (tmp_path / "stage").write_text("train")
     changed = load_config(None, [*base, "train.lr=5e-3", "model.n_fusion=4", "train.patience=3"])
-    assert _check_resumable(changed, tmp_path, "train") == []  # no checkpoint yet: anything goes
+    assert check_resumable(changed, tmp_path, "train") == []  # no checkpoint yet: anything goes
     make_tags(tmp_path / "checkpoints/seed0", [5])
     with pytest.raises(UserError, match=r"model\.n_fusion: 8 -> 4, train\.lr: 0\.0001 -> 0\.005"):
-        _check_resumable(changed, tmp_path, "train")
+        check_resumable(changed, tmp_path, "train")
     applied = load_config(None, [*base, "train.patience=3", "train.keep_last=5", "data.root=/moved", "run.seeds=[0,1]"])
-    assert _check_resumable(applied, tmp_path, "train") == ["train.patience", "train.keep_last"]
+    assert check_resumable(applied, tmp_path, "train") == ["train.patience", "train.keep_last"]
     # evaluation only needs the model to be the same
-    assert _check_resumable(load_config(None, [*base, "train.lr=5e-3"]), tmp_path, "train", training=False) == []
+    assert check_resumable(load_config(None, [*base, "train.lr=5e-3"]), tmp_path, "train", training=False) == []
     with pytest.raises(UserError, match="holds a 'train' run, not 'pretrain-av'"):
-        _check_resumable(applied, tmp_path, "pretrain-av")
+        check_resumable(applied, tmp_path, "pretrain-av")

@@ -28,7 +28,7 @@ WORKER = textwrap.dedent("""
     from fusion_dist.data import Collator
     from fusion_dist.models import build_model, gathered
     from fusion_dist.train import dist, engine as E
-    from fusion_dist.train.trainer import gathered_weights, load_weights
+    from fusion_dist.train.checkpoint import gathered_weights, load_weights
 
     config, backbone, extra_ds = sys.argv[1:4]
     denv = dist.init_distributed(timeout_s=120)
