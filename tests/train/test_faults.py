@@ -84,7 +84,9 @@ def test_bad_training_input_is_refused_before_anything_is_written(engine_inputs,
     def attempt(name: str):
         extra, config, _ = cases[name]
         run_dir = tmp_path / "runs" / name.replace(" ", "-").replace(",", "")
-        args = base_args(engine_inputs, run_dir, *extra)
+        # tracking on: the MLflow store lives in the run dir, so no run dir means no MLflow run left RUNNING
+        args = [a for a in base_args(engine_inputs, run_dir, *extra) if a != "tracking.enabled=false"]
+        args.append(f"tracking.uri=sqlite:///{run_dir}/mlflow.db")
         if config is not None:
             args[0] = str(config)
         t0 = time.monotonic()
@@ -114,6 +116,9 @@ def test_prepare_refuses_empty_splits_and_repeated_ids(engine_inputs, tmp_path):
     refused(run_cli("prepare", [str(tmp_path / "twice.pkl"), str(tmp_path / "b")]), "split 'valid'", "id used twice")
     for out in ("a", "b"):
         assert not (tmp_path / out).exists() and not list(tmp_path.glob(f"{out}.staging-*"))
+    (tmp_path / "c.staging-0123456789ab").mkdir()  # left by a conversion that crashed
+    assert run_cli("prepare", [str(src), str(tmp_path / "c")]).returncode == 0
+    assert not list(tmp_path.glob("c.staging-*"))
 
 
 @pytest.fixture(scope="module")
