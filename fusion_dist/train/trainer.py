@@ -271,9 +271,8 @@ class SeedRun:
 
     def _record_step(self, engine, state: dict, terms: dict, window: dict, history: Path, steps_per_epoch: int):
         t = self.cfg.train
-        # engine.param_groups sorts the groups AV encoder first, LM side last: the last is train.lr's
-        # (or, in stage 1, the AV encoder's own av_lr)
-        lr = engine.get_lr()[-1]
+        # the LM side's learning rate (train.lr; in stage 1 the head's, which trains at av_lr), by group name
+        lr = next(g["lr"] for g in engine.optimizer.param_groups if g["name"].startswith("lm"))
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else None
         step = state["global_step"]
