@@ -59,8 +59,9 @@ class Checkpoints:
 
     def check(self) -> None:
         """Before a run starts: surviving checkpoints without ``latest`` are never trained over (or pruned)."""
-        if not (self.root / "latest").is_file() and self.tags():
-            raise UserError(f"{self.root}/latest: missing, but checkpoints {', '.join(self.tags())} survive; write "
+        tags = self.tags()
+        if tags and not (self.root / "latest").is_file():
+            raise UserError(f"{self.root}/latest: missing, but checkpoints {', '.join(tags)} survive; write "
                             "the tag to resume from into it, or pass --restart to train from scratch")
 
     def latest(self) -> str | None:
@@ -71,12 +72,13 @@ class Checkpoints:
         tag = f.read_text().strip()
         if (self.root / tag / COMPLETE).is_file():
             return tag
-        if not self.tags():
+        tags = self.tags()
+        if not tags:
             raise UserError(f"{f}: names {tag}, which is missing or incomplete, and no complete checkpoint is left; "
                             "pass --restart to train from scratch")
-        log.warning(f"{f}: names {tag}, which is missing or incomplete; resuming from {self.tags()[-1]}, the newest "
+        log.warning(f"{f}: names {tag}, which is missing or incomplete; resuming from {tags[-1]}, the newest "
                     "complete checkpoint")
-        return self.tags()[-1]
+        return tags[-1]
 
     def save(self, engine, tag: str, client_state: dict, best_tag: str | None, denv: dist.DistEnv) -> None:
         # the frozen backbone (and frozen FFW copies) is rebuilt from model.backbone on resume, never written:
