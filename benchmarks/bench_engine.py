@@ -26,7 +26,7 @@ import torch
 from fusion_dist.config import Config, ModelConfig, TrainConfig
 from fusion_dist.data import Collator
 from fusion_dist.models import build_model, make_backbone
-from fusion_dist.train import dist
+from fusion_dist import dist
 from fusion_dist.train import engine as E
 
 

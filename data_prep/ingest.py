@@ -20,11 +20,10 @@ from collections.abc import Iterator
 import fsspec
 import numpy as np
 
-from data_prep.mmsa import SPLITS
+from data_prep.mmsa import SPLITS, UNIMODAL
 from fusion_dist.errors import UserError
 
 REQUIRED = ("id", "split", "text", "label", "audio", "vision")
-UNIMODAL = ("label_T", "label_A", "label_V")
 SERVING = ("id", "text", "audio", "vision")  # what predicting needs; split and label are optional there
 
 

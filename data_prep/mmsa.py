@@ -25,6 +25,7 @@ from fusion_dist.errors import UserError
 
 SPLITS = ("train", "valid", "test")
 REQUIRED_KEYS = ("raw_text", "audio", "vision", "id", "regression_labels")
+UNIMODAL = ("label_T", "label_A", "label_V")  # our per-modality label columns (optional, all three or none)
 UNIMODAL_KEYS = {"label_T": "regression_labels_T", "label_A": "regression_labels_A", "label_V": "regression_labels_V"}
 
 # Everything a numpy-1 or numpy-2 pickle of arrays, dtypes and builtin containers needs.

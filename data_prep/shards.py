@@ -39,7 +39,8 @@ FORMAT_VERSION = 1
 BATCH_ROWS = 256
 ARROW_MAGIC = b"ARROW1"  # at both ends of an Arrow IPC file
 LABEL_RANGES = {"mosi": [-3.0, 3.0], "sims": [-1.0, 1.0]}
-UNIMODAL = ("label_T", "label_A", "label_V")
+UNIMODAL = mmsa.UNIMODAL
+MODALITIES = ("audio", "vision")  # the feature columns; the manifest records features.<modality>.dim
 
 
 def schema(unimodal: bool) -> pa.Schema:
@@ -74,7 +75,7 @@ def open_source(path: str, name: str | None) -> Source:
         rows = ingest.read_rows(path)
         dims = ingest.feature_dims(path, rows)
         source = Source(path, name or path.rsplit("/", 1)[-1].rsplit(".", 1)[0], digest,
-                        {s: sum(r["split"] == s for r in rows) for s in mmsa.SPLITS}, ingest.UNIMODAL[0] in rows[0],
+                        {s: sum(r["split"] == s for r in rows) for s in mmsa.SPLITS}, UNIMODAL[0] in rows[0],
                         lambda split: ingest.records(path, rows, split, dims))
         where = f"{path}: field 'split'"
     else:
@@ -117,7 +118,7 @@ class _HashingWriter:
 def _batch(rows: list[dict], sch: pa.Schema) -> pa.RecordBatch:
     cols = {"id": pa.array([r["id"] for r in rows], pa.string()),
             "raw_text": pa.array([r["raw_text"] for r in rows], pa.string())}
-    for mod in ("audio", "vision"):
+    for mod in MODALITIES:
         flat = [r[mod].reshape(-1) for r in rows]
         offsets = np.concatenate([[0], np.cumsum([len(x) for x in flat])]).astype(np.int64)
         values = np.concatenate(flat) if flat else np.zeros(0, np.float32)
@@ -168,12 +169,23 @@ def _check_record(rec: dict, split: str, label_range: list[float], stats: dict, 
         if key in rec and not lo <= rec[key] <= hi:
             raise UserError(f"{where}: split '{split}', sample '{rec['id']}': {key} {rec[key]} outside the label range "
                             f"[{lo}, {hi}] (pass --metrics to choose the dataset kind)")
-    for mod in ("audio", "vision"):
+    for mod in MODALITIES:
         dim = stats[mod]["dim"]
         if dim is not None and rec[mod].shape[1] != dim:
             raise UserError(f"{where}: split '{split}', sample '{rec['id']}': {mod} dim {rec[mod].shape[1]} != {dim}")
         stats[mod]["dim"] = rec[mod].shape[1]
         stats[mod]["max_len"] = max(stats[mod]["max_len"], len(rec[mod]))
+
+
+def feature_dims(meta: dict) -> dict[str, int]:
+    """Feature dim by modality of a shard manifest, or of anything that records ``features`` the same way
+    (an export's ``export.json``)."""
+    return {m: meta["features"][m]["dim"] for m in MODALITIES}
+
+
+def metric_set(meta: dict) -> str:
+    """The metrics a manifest's (or export's) labels are scored with: ``mosi`` (MOSI/MOSEI) or ``sims``."""
+    return meta.get("metrics", "mosi")
 
 
 def read_manifest(root: str) -> dict:
@@ -215,7 +227,7 @@ def prepare(src: str, out: str, *, overwrite: bool = False, rows_per_shard: int 
         metrics = "sims" if source.unimodal_labels or "sims" in source.name.lower() else "mosi"
     label_range = LABEL_RANGES[metrics]
     sch = schema(source.unimodal_labels)
-    stats = {m: {"dim": None, "max_len": 0} for m in ("audio", "vision")}
+    stats = {m: {"dim": None, "max_len": 0} for m in MODALITIES}
     for stale in fs.glob(f"{out_path}.staging-*"):  # left by a conversion that crashed
         fs.rm(stale, recursive=True)
     staging = f"{out_path}.staging-{uuid.uuid4().hex[:12]}"

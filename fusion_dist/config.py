@@ -20,6 +20,12 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from fusion_dist.errors import UserError
 
 
+# The two training stages: stage 1 trains the AV encoder alone, stage 2 the fusion model. The values name the
+# commands and are what run directories (``stage``) and exports (``export.json``) record.
+PRETRAIN_AV, TRAIN = "pretrain-av", "train"
+STAGES = (PRETRAIN_AV, TRAIN)
+
+
 class ConfigError(UserError):
     """A config that cannot be used; the message names the key, the file and the problem."""
 

@@ -18,12 +18,10 @@ import pyarrow as pa
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from data_prep.shards import check_root, read_manifest, shard_problem
+from data_prep.shards import UNIMODAL, check_root, feature_dims, metric_set, read_manifest, shard_problem
 from fusion_dist.errors import UserError
 
-__all__ = ["check_root", "read_manifest", "ShardDataset", "RankSampler", "Collator"]
-
-UNIMODAL = ("label_T", "label_A", "label_V")
+__all__ = ["check_root", "feature_dims", "metric_set", "read_manifest", "ShardDataset", "RankSampler", "Collator"]
 
 
 def _flat_views(col: pa.LargeListArray) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +76,7 @@ class ShardDataset(torch.utils.data.Dataset):
                 if problem:
                     raise UserError(problem)
         self.starts = np.cumsum([0] + [e["rows"] for e in self.shard_entries]).tolist()
-        self.dims = {m: self.manifest["features"][m]["dim"] for m in ("audio", "vision")}
+        self.dims = feature_dims(self.manifest)
         self._shards: dict[int, _Shard] = {}
 
     def __len__(self) -> int:

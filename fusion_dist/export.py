@@ -1,5 +1,5 @@
 """Exports: the trainable weights of a run + its resolved config + a reference to the frozen backbone,
-and the way back (rebuild a model from backbone + export) used by ``evaluate`` and ``predict``.
+and the way back (``load_export``: backbone + export -> the trained model) used by ``predict`` and serving.
 
 An export directory holds:
 
@@ -22,8 +22,6 @@ Commands::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import hashlib
 import json
 import shutil
@@ -33,54 +31,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fusion_dist.config import Config, from_yaml, to_yaml
+from fusion_dist.config import PRETRAIN_AV, TRAIN, Config, from_yaml, to_yaml
+from fusion_dist.data import feature_dims, metric_set, read_manifest
 from fusion_dist.errors import UserError
+from fusion_dist.rundir import RunDir
 
 WEIGHTS = "model.safetensors"
 META = "export.json"
 CONFIG = "config.yaml"
-
-
-# ----------------------------------------------------------------------------- weights and rebuild
-
-
-def weights_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What an export keeps: trainable weights + buffers, and the AV encoders even when frozen."""
-    if not hasattr(module, "trainable_state_dict"):  # the stage-1 pretrainer: small and all trainable
-        return dict(module.state_dict())
-    out = dict(module.trainable_state_dict())
-    for name in getattr(module, "frozen_encoders", []):
-        out.update({f"{name}.{k}": v for k, v in getattr(module, name).state_dict().items()})
-    return out
-
-
-def build_for_stage(cfg: Config, stage: str, audio_dim: int, vision_dim: int, meta: bool = False) -> torch.nn.Module:
-    """The model a stage trains, freshly initialized (stage 2 loads its backbone and stage-1 encoder), with its
-    parameters in the training dtype (``train.precision``); ``meta=True``: shapes only, in seconds at any size."""
-    from fusion_dist.models import build_av_pretrainer, build_model
-    from fusion_dist.models.build import DTYPES, cast_parameters
-
-    dtype = DTYPES[cfg.train.precision]
-    if stage == "pretrain-av":
-        with torch.device("meta") if meta else contextlib.nullcontext():
-            model = build_av_pretrainer(cfg.model.av, audio_dim, vision_dim, cfg.model.head_hidden, cfg.model.dropout)
-        return cast_parameters(model, dtype)
-    model = build_model(cfg.model, audio_dim, vision_dim, meta=meta, dtype=dtype)
-    model.activation_checkpointing = cfg.train.activation_checkpointing
-    return model
-
-
-def rebuild(cfg: Config, stage: str, audio_dim: int, vision_dim: int, weights: dict[str, torch.Tensor]):
-    """Backbone + saved weights -> the trained model, in eval mode. The AV encoder comes from ``weights``,
-    so the stage-1 checkpoint the run started from is not needed any more."""
-    cfg = copy.deepcopy(cfg)
-    cfg.model.av.init, cfg.model.av.checkpoint = "random+tune", None
-    model = build_for_stage(cfg, stage, audio_dim, vision_dim)
-    if hasattr(model, "load_trainable_state_dict"):
-        model.load_trainable_state_dict(weights)
-    else:
-        model.load_state_dict(weights)
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------- backbone reference
@@ -146,23 +104,22 @@ def write_export(out: Path, cfg: Config, stage: str, weights: dict[str, torch.Te
     tmp.mkdir()
     tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     save_file(tensors, str(tmp / WEIGHTS))
-    (tmp / CONFIG).write_text(to_yaml(cfg))
-    feats = manifest["features"]
+    if stage == PRETRAIN_AV:  # the encoder as model.av.checkpoint of stage 2 reads it, and config.yaml
+        from fusion_dist.models.av_encoder import save_av_encoder
+
+        encoder = {k[len("av_encoder."):]: v for k, v in tensors.items() if k.startswith("av_encoder.")}
+        save_av_encoder(encoder, feature_dims(manifest), tmp, cfg)
+    else:
+        (tmp / CONFIG).write_text(to_yaml(cfg))
     meta = {
         "format_version": 1,
         "stage": stage,
         "dataset": manifest.get("dataset"),
-        "metrics": manifest.get("metrics", "mosi"),
-        "features": {m: {"dim": feats[m]["dim"]} for m in ("audio", "vision")},
-        "backbone": backbone_reference(cfg.model.backbone) if stage == "train" else None,
+        "metrics": metric_set(manifest),
+        "features": {m: {"dim": d} for m, d in feature_dims(manifest).items()},
+        "backbone": backbone_reference(cfg.model.backbone) if stage == TRAIN else None,
     }
     (tmp / META).write_text(json.dumps(meta, indent=2))
-    if stage == "pretrain-av":
-        from fusion_dist.models.av_encoder import ENCODER_FILE
-
-        enc = {k[len("av_encoder."):]: v for k, v in tensors.items() if k.startswith("av_encoder.")}
-        dims = {m: str(feats[m]["dim"]) for m in ("audio", "vision")}
-        save_file(enc, str(tmp / ENCODER_FILE), metadata={f"{m}_dim": d for m, d in dims.items()})
     if out.exists():
         old = tmp.with_name(tmp.name + "-old")
         out.rename(old)
@@ -189,11 +146,11 @@ def load_export(export_dir: str | Path, backbone: str | None = None):
     cfg = from_yaml((export_dir / CONFIG).read_text())
     if backbone:
         cfg.model.backbone = backbone
-    if meta["stage"] == "train":
+    if meta["stage"] == TRAIN:
         check_backbone(meta["backbone"], cfg.model.backbone, f"{export_dir}/{META}")
-    feats = meta["features"]
-    model = rebuild(cfg, meta["stage"], feats["audio"]["dim"], feats["vision"]["dim"],
-                    load_file(str(export_dir / WEIGHTS)))
+    from fusion_dist.models.build import rebuild
+
+    model = rebuild(cfg, meta["stage"], feature_dims(meta), load_file(str(export_dir / WEIGHTS)))
     return model, meta, cfg
 
 
@@ -201,22 +158,16 @@ def load_export(export_dir: str | Path, backbone: str | None = None):
 
 
 def main_export(argv: list[str]) -> int:
-    from fusion_dist.train.checkpoint import best_checkpoint
-
     p = argparse.ArgumentParser(prog="fusion-dist export", description="trainable weights + config of a run's best checkpoint")
     p.add_argument("run_dir")
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=None, help="which seed's best checkpoint (default: best validation MAE)")
     args = p.parse_args(argv)
-    run_dir = Path(args.run_dir)
-    if not (run_dir / CONFIG).is_file():
-        raise UserError(f"{run_dir}: not a run directory (no {CONFIG})")
-    cfg = from_yaml((run_dir / CONFIG).read_text())
-    check_export_target(Path(args.out), run_dir)
-    stage, ckpt = best_checkpoint(run_dir, args.seed)
-    from fusion_dist.data import read_manifest
-
-    write_export(Path(args.out), cfg, stage, load_file(str(ckpt)), read_manifest(cfg.data.root), run_dir)
+    run = RunDir(args.run_dir)
+    cfg = run.read_config()
+    check_export_target(Path(args.out), run.root)
+    stage, ckpt = run.best_checkpoint(args.seed)
+    write_export(Path(args.out), cfg, stage, load_file(str(ckpt)), read_manifest(cfg.data.root), run.root)
     print(f"exported {ckpt.parent} ({stage}) to {args.out}")
     return 0
 
@@ -236,7 +187,7 @@ def main_predict(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     args = p.parse_args(argv)
     # the data is checked before the model is built
-    want = {m: export_meta(args.export_dir)["features"][m]["dim"] for m in ("audio", "vision")}
+    want = feature_dims(export_meta(args.export_dir))
     if args.data.endswith((".jsonl", ".csv")):  # the rules prepare applies, split and label optional
         samples = list(ingest.records(args.data, ingest.read_rows(args.data, training=False), None, want))
         name = Path(args.data).stem

@@ -4,14 +4,15 @@ training, ``evaluate``, ``predict`` and the served model."""
 from __future__ import annotations
 
 import csv
-import os
+import io
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from fusion_dist import dist
 from fusion_dist.data import Collator, RankSampler, ShardDataset
-from fusion_dist.train import dist
+from fusion_dist.rundir import atomic_write
 
 
 def collator_for(model: torch.nn.Module, max_text_tokens: int) -> Collator:
@@ -56,10 +57,10 @@ def evaluate_split(forward, ds: ShardDataset, collator: Collator, batch_size: in
 
 
 def write_predictions(path: Path, ids: list[str], preds: list[float], labels: list[float]) -> None:
+    """``id,prediction,label`` rows, floats written so that they read back exactly."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["id", "prediction", "label"])
-        w.writerows(zip(ids, (repr(float(p)) for p in preds), (repr(float(t)) for t in labels)))
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["id", "prediction", "label"])
+    w.writerows(zip(ids, (repr(float(p)) for p in preds), (repr(float(t)) for t in labels)))
+    atomic_write(path, text.getvalue())

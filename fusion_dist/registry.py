@@ -25,8 +25,10 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fusion_dist.config import Config, from_yaml
+from fusion_dist.config import Config
+from fusion_dist.data import feature_dims
 from fusion_dist.errors import UserError
+from fusion_dist.rundir import RunDir
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 METRIC_TAG, VALUE_TAG = "fusion_dist.test_metric", "fusion_dist.test_metric_value"
@@ -78,7 +80,7 @@ class SentimentModel(mlflow.pyfunc.PythonModel):
         from fusion_dist.export import load_export
 
         self.model, meta, cfg = load_export(context.artifacts["export"])
-        self.dims = {m: meta["features"][m]["dim"] for m in ("audio", "vision")}
+        self.dims = feature_dims(meta)
         self.collator = collator_for(self.model, cfg.data.max_text_tokens)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
@@ -149,13 +151,11 @@ def register(run_dir: str | Path, name: str | None = None, export_dir: str | Pat
     from fusion_dist.export import load_export
     from fusion_dist.tracking import resolve_uri, sync
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = from_yaml((run_dir / "config.yaml").read_text())
+    run = RunDir(run_dir)
+    run_dir, cfg = run.root, run.read_config()
     if name or cfg.tracking.registry_name:
         check_name(name or cfg.tracking.registry_name)  # fail before any work
-    export_dir = Path(export_dir or run_dir / "export").resolve()
+    export_dir = Path(export_dir or run.export).resolve()
     uri = uri or resolve_uri(cfg, run_dir)
     _, _, runs = sync(run_dir, uri)  # a parent created offline exists only after this
     if "parent" not in runs:
@@ -164,7 +164,7 @@ def register(run_dir: str | Path, name: str | None = None, export_dir: str | Pat
     # before anything is logged.
     model, meta, _ = load_export(export_dir)
     del model
-    dims = {m: meta["features"][m]["dim"] for m in ("audio", "vision")}
+    dims = feature_dims(meta)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     parent = client.get_run(runs["parent"])
     name = check_name(name or default_name(client.get_experiment(parent.info.experiment_id).name, cfg))

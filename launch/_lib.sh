@@ -1,7 +1,19 @@
-# Shared by the launch/*.sh wrappers (sourced, not run).
+# Shared by the launch/*.sh wrappers and the slurm/ scripts (sourced, not run).
 
-fd_log() { echo "fusion-dist launch: $(hostname -s): $*"; }
-fd_die() { echo "fusion-dist launch: $(hostname -s): error: $*" >&2; exit 2; }
+# Progress and errors, one line each, prefixed with FD_LOG_PREFIX (a Slurm job's scripts name the job).
+FD_LOG_PREFIX=${FD_LOG_PREFIX:-"fusion-dist launch: $(hostname -s)"}
+fd_log() { echo "$FD_LOG_PREFIX: $*"; }
+fd_die() { echo "$FD_LOG_PREFIX: error: $*" >&2; exit 2; }
+
+# The environment that has fusion-dist: FD_VENV, else this checkout's .venv, activated when it exists and no
+# virtualenv is active already.
+fd_activate_venv() {
+  local venv=${FD_VENV:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv}
+  if [ -z "${VIRTUAL_ENV:-}" ] && [ -f "$venv/bin/activate" ]; then
+    # shellcheck disable=SC1091
+    source "$venv/bin/activate"
+  fi
+}
 
 # Ranks per node: FD_PROCS_PER_NODE, else the GPUs Slurm gave this node, else the GPUs nvidia-smi sees, else 1.
 fd_procs_per_node() {

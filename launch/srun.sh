@@ -8,7 +8,7 @@
 #                                                                (allocate with --ntasks-per-node = GPUs per node)
 #
 # Settings (environment): FD_PROCS_PER_NODE (ranks per node; default the GPUs Slurm gave each node, or 1),
-# FD_MASTER_PORT (default 15000 + job id % 20000, the port fusion_dist.train.dist derives for srun ranks).
+# FD_MASTER_PORT (default 15000 + job id % 20000, the port fusion_dist.dist derives for srun ranks).
 # If any task fails, srun stops the others (--kill-on-bad-exit), so a dead rank ends the step.
 # The srun process is exec'ed: signalling this script's pid signals srun, which forwards to every task.
 set -euo pipefail

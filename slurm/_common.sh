@@ -16,20 +16,16 @@
 # time limit, Slurm's own preemption) also makes the trainer save, but is not requeued from here.
 
 set -uo pipefail
-PREEMPTED_EXIT=85  # fusion_dist.train.trainer.PREEMPTED_EXIT
+PREEMPTED_EXIT=85  # fusion_dist.train.commands.PREEMPTED_EXIT
 export PYTHONUNBUFFERED=1  # progress lines reach the job log as they happen
 
-fd_log() { echo "fusion-dist job ${SLURM_JOB_ID:-}: $*"; }
-fd_die() { echo "fusion-dist job ${SLURM_JOB_ID:-}: error: $*" >&2; exit 2; }
+FD_LOG_PREFIX="fusion-dist job ${SLURM_JOB_ID:-}"
+source "$FD_HOME/launch/_lib.sh"
 
 [ -n "${SLURM_JOB_ID:-}" ] || fd_die "submit this script with sbatch (see README, 'Running on a cluster')"
 FD_LAUNCHER=${FD_LAUNCHER:-torchrun}
 case "$FD_LAUNCHER" in torchrun|deepspeed|srun) ;; *) fd_die "FD_LAUNCHER=$FD_LAUNCHER: use torchrun, deepspeed or srun" ;; esac
-FD_VENV=${FD_VENV:-$FD_HOME/.venv}
-if [ -z "${VIRTUAL_ENV:-}" ] && [ -f "$FD_VENV/bin/activate" ]; then
-  # shellcheck disable=SC1091
-  source "$FD_VENV/bin/activate"
-fi
+fd_activate_venv
 command -v python >/dev/null || fd_die "no python on PATH (activate the environment that has fusion-dist, or set FD_VENV)"
 
 read -r -a overrides <<< "${FD_OVERRIDES:-}"
@@ -42,7 +38,7 @@ fi
 
 # Check the config, and its batch geometry for the ranks this allocation runs, before anything is launched:
 # a typo costs seconds, not a crash on every rank.
-procs=$(source "$FD_HOME/launch/_lib.sh"; fd_procs_per_node) || exit 2
+procs=$(fd_procs_per_node) || exit 2
 world=$(( ${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}} * procs ))
 run_dir=$(python "$FD_HOME/slurm/jobtools.py" check --world-size "$world" "$FD_CONFIG" "${overrides[@]}") || exit 2
 
@@ -71,7 +67,7 @@ on_term() {
 trap on_usr1 USR1
 trap on_term TERM
 
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-1} / ${FD_PROCS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}} ))}
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-1} / procs ))}
 [ "$OMP_NUM_THREADS" -ge 1 ] || OMP_NUM_THREADS=1
 export OMP_NUM_THREADS
 bash "$FD_HOME/launch/srun.sh" "$FD_LAUNCHER" "$FD_COMMAND" "$FD_CONFIG" "${overrides[@]}" &

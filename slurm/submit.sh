@@ -16,10 +16,10 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 default_of() { sed -n "s/^: \"\\\${$1:=\\(.*\\)}\".*/\\1/p" "$script"; }
 config=${FD_CONFIG:-$(default_of FD_CONFIG)}
 read -r -a overrides <<< "${FD_OVERRIDES-$(default_of FD_OVERRIDES)}"
-venv=${FD_VENV:-$here/../.venv}
-python=python; [ -n "${VIRTUAL_ENV:-}" ] || [ ! -x "$venv/bin/python" ] || python=$venv/bin/python
-world=$("$python" "$here/jobtools.py" world "$script" "$@") || exit 2
-"$python" "$here/jobtools.py" check --world-size "$world" "$config" "${overrides[@]}" > /dev/null || exit 2
+source "$here/../launch/_lib.sh"
+fd_activate_venv
+world=$(python "$here/jobtools.py" world "$script" "$@") || exit 2
+python "$here/jobtools.py" check --world-size "$world" "$config" "${overrides[@]}" > /dev/null || exit 2
 echo "fusion-dist submit: $config checked for $world ranks"
 mkdir -p logs
 exec sbatch "$@" "$script"

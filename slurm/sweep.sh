@@ -14,8 +14,8 @@ set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: bash slurm/sweep.sh SWEEP.yaml [sbatch options ...]" >&2; exit 2; }
 sweep_file=$1; shift
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-venv=${FD_VENV:-$here/../.venv}
-[ -n "${VIRTUAL_ENV:-}" ] || [ ! -f "$venv/bin/activate" ] || source "$venv/bin/activate"
+source "$here/../launch/_lib.sh"
+fd_activate_venv
 
 # expands the grid into <dir>/tasks.tsv, checks every task's config, creates the experiment; sets
 # tasks dir script config experiment uri name

@@ -70,7 +70,7 @@ def test_check_prints_the_run_dir_or_one_error_line(tmp_path):
 
 
 def test_job_scripts_know_the_trainers_preemption_exit_code():
-    from fusion_dist.train.trainer import PREEMPTED_EXIT
+    from fusion_dist.train.commands import PREEMPTED_EXIT
 
     assert f"PREEMPTED_EXIT={PREEMPTED_EXIT} " in (ROOT / "slurm/_common.sh").read_text()
 

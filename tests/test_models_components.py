@@ -56,7 +56,7 @@ def test_av_export_roundtrip_and_curriculum(backbones, tmp_path):
     cfg.model = tiny_cfg(backbones["gpt2"])
     torch.manual_seed(1)
     stage1 = build_av_pretrainer(cfg.model.av, AUDIO_DIM, VISION_DIM, head_hidden=16)
-    save_av_encoder(stage1.av_encoder, tmp_path / "export", cfg)
+    save_av_encoder(stage1.av_encoder.state_dict(), stage1.av_encoder.dims, tmp_path / "export", cfg)
     loaded = load_av_encoder(tmp_path / "export")
     for (k, v), (k2, v2) in zip(stage1.av_encoder.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)

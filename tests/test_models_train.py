@@ -42,7 +42,8 @@ def stage1_exports(tmp_path_factory) -> dict[bool, str]:
     for batchnorm in (True, False):
         cfg = Config(data=DataConfig(root="unused"), model=tiny_cfg("unused", av__batchnorm=batchnorm))
         pretrainer = build_av_pretrainer(cfg.model.av, AUDIO_DIM, VISION_DIM, head_hidden=16)
-        out[batchnorm] = str(save_av_encoder(pretrainer.av_encoder, tmp_path_factory.mktemp("stage1"), cfg))
+        out[batchnorm] = str(save_av_encoder(pretrainer.av_encoder.state_dict(), pretrainer.av_encoder.dims,
+                                             tmp_path_factory.mktemp("stage1"), cfg))
     return out
 
 

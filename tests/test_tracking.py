@@ -11,7 +11,8 @@ from mlflow import MlflowClient
 from fusion_dist.cli import main as cli
 from fusion_dist.config import load_config, to_flat_dict
 from mlflow_server import free_port
-from fusion_dist.tracking import Journal, Tracker, param_value, sync
+from fusion_dist.journal import Journal
+from fusion_dist.tracking import Tracker, param_value, sync
 
 
 def make_cfg(run_dir, *overrides):

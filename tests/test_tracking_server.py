@@ -202,7 +202,7 @@ def test_two_rank_training_is_tracked_registered_and_served_like_predict(mlflow_
 
     from fusion_dist.data import ShardDataset
 
-    pytest.importorskip("fusion_dist.train.trainer", reason="needs the trainer (fusion-dist train / export / predict)")
+    pytest.importorskip("fusion_dist.train.commands", reason="needs the trainer (fusion-dist train / export / predict)")
     backbone, shards, run_dir = tmp_path / "backbone", tmp_path / "shards", tmp_path / "run"
     assert cli(["make-backbone", "--arch", "gpt2", "--preset", "tiny", "--out", str(backbone)]) == 0
     assert cli(["synth", "--dataset", "mosi", "--out", str(tmp_path / "mosi.pkl"), "--samples", "48"]) == 0

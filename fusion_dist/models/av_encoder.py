@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_prep.shards import MODALITIES
 from fusion_dist.config import AVEncoderConfig, from_yaml, to_yaml
 from fusion_dist.errors import UserError
 from fusion_dist.models.heads import BatchNorm, ModelOutput, regression_head
-
-MODALITIES = ("audio", "vision")
 
 
 def resample(x: torch.Tensor, lengths: torch.Tensor, maxlen: int) -> torch.Tensor:
@@ -137,15 +136,15 @@ ENCODER_FILE = "av_encoder.safetensors"
 CONFIG_FILE = "config.yaml"
 
 
-def save_av_encoder(encoder: AVEncoder, directory: str | Path, cfg) -> Path:
-    """Write ``av_encoder.safetensors`` (feature dims in its metadata) + ``config.yaml`` (the full ``Config``)."""
+def save_av_encoder(state: dict[str, torch.Tensor], dims: dict[str, int], directory: str | Path, cfg) -> Path:
+    """Write a stage-1 export's encoder: ``av_encoder.safetensors`` (an ``AVEncoder`` state dict, feature dims in
+    its metadata) + ``config.yaml`` (the full ``Config``), what ``load_av_encoder`` reads."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    metadata = {f"{m}_dim": str(d) for m, d in encoder.dims.items()}
-    save_file(state, str(directory / ENCODER_FILE), metadata=metadata)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(directory / ENCODER_FILE),
+              metadata={f"{m}_dim": str(d) for m, d in dims.items()})
     (directory / CONFIG_FILE).write_text(to_yaml(cfg))
     return directory
 

@@ -7,14 +7,16 @@ from the config; a stage-1 AV checkpoint with other dims is refused.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 
 import torch
 from torch import nn
 
-from fusion_dist.config import AVEncoderConfig, ConfigError, ModelConfig
+from fusion_dist.config import PRETRAIN_AV, AVEncoderConfig, Config, ConfigError, ModelConfig
 from fusion_dist.errors import UserError
-from fusion_dist.models.av_encoder import load_av_encoder
+from fusion_dist.models.av_encoder import build_av_pretrainer, load_av_encoder
 from fusion_dist.models.backbone import (
     backbone_on_meta, choose_attn_implementation, load_backbone, load_backbone_config, load_tokenizer,
 )
@@ -91,6 +93,44 @@ def build_model(model_cfg: ModelConfig, audio_dim: int, vision_dim: int, *, meta
     log.info("built %s on %s (%d layers, MM blocks after %s), attention kernel %s",
              model_cfg.family, model_cfg.backbone, num_layers, list(model_cfg.mm_layers), kernel)
     return model
+
+
+def build_for_stage(cfg: Config, stage: str, dims: dict[str, int], meta: bool = False) -> nn.Module:
+    """The model a stage trains, freshly initialized (stage 2 loads its backbone and stage-1 encoder), with its
+    parameters in the training dtype (``train.precision``); ``dims``: the data's feature dims by modality;
+    ``meta=True``: shapes only, in seconds at any size."""
+    dtype = DTYPES[cfg.train.precision]
+    if stage == PRETRAIN_AV:
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = build_av_pretrainer(cfg.model.av, dims["audio"], dims["vision"], cfg.model.head_hidden,
+                                        cfg.model.dropout)
+        return cast_parameters(model, dtype)
+    model = build_model(cfg.model, dims["audio"], dims["vision"], meta=meta, dtype=dtype)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    return model
+
+
+def rebuild(cfg: Config, stage: str, dims: dict[str, int], weights: dict[str, torch.Tensor]) -> nn.Module:
+    """Backbone + saved weights -> the trained model, in eval mode. The AV encoder comes from ``weights``,
+    so the stage-1 checkpoint the run started from is not needed any more."""
+    cfg = copy.deepcopy(cfg)
+    cfg.model.av.init, cfg.model.av.checkpoint = "random+tune", None
+    model = build_for_stage(cfg, stage, dims)
+    if hasattr(model, "load_trainable_state_dict"):
+        model.load_trainable_state_dict(weights)
+    else:
+        model.load_state_dict(weights)
+    return model.eval()
+
+
+def weights_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    """What checkpoints and exports keep: trainable weights + buffers, and the AV encoders even when frozen."""
+    if not hasattr(module, "trainable_state_dict"):  # the stage-1 pretrainer: small and all trainable
+        return dict(module.state_dict())
+    out = dict(module.trainable_state_dict())
+    for name in getattr(module, "frozen_encoders", []):
+        out.update({f"{name}.{k}": v for k, v in getattr(module, name).state_dict().items()})
+    return out
 
 
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -1,5 +1,6 @@
-"""The checkpoint store and the resume guard without training: which tags survive pruning, which tag a run
-resumes from, which seed's best checkpoint is chosen, and which config changes a resume refuses."""
+"""The checkpoint store and the resume guard without training: the client state's round trip, early stopping's
+patience, which tags survive pruning, which tag a run resumes from, which seed's best checkpoint is chosen, and
+which config changes a resume refuses."""
 
 import json
 from pathlib import Path
@@ -8,7 +9,33 @@ import pytest
 
 from fusion_dist.config import load_config, to_yaml
 from fusion_dist.errors import UserError
-from fusion_dist.train.checkpoint import COMPLETE, TRAINABLE, Checkpoints, best_checkpoint, check_resumable
+from fusion_dist.rundir import TRAINABLE, RunDir
+from fusion_dist.train.checkpoint import COMPLETE, Checkpoints, EarlyStopping, TrainState
+
+
+def test_train_state_round_trips_through_json():
+    state = TrainState(epoch=2, step_in_epoch=5, global_step=21, tracking={"parent": "p1", "child": "c1"},
+                       early_stopping=EarlyStopping(best=0.75, best_tag="step16", bad_epochs=1))
+    again = TrainState()
+    again.load_state_dict(json.loads(json.dumps(state.state_dict())))
+    assert again == state
+    assert again.early_stopping is not state.early_stopping and again.tracking is not state.tracking
+    # a dict as older checkpoints hold it (with the keys Checkpoints.save adds) loads the same way
+    again.load_state_dict({**state.state_dict(), "world_size": 2, "rng": [None, None]})
+    assert again == state
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement():
+    es = EarlyStopping()
+    for epoch, mae in enumerate([0.9, 0.8, 0.8, 0.7, 0.75, 0.71]):
+        assert not es.stop, epoch
+        es.update(mae, f"step{epoch}", patience=2)
+    # a tie (0.8 after 0.8) is no improvement; an improvement resets the count
+    assert (es.best, es.best_tag, es.bad_epochs, es.stop) == (0.7, "step3", 2, True)
+    es = EarlyStopping()
+    for epoch, mae in enumerate([0.9, 0.95, 0.8, 0.99]):
+        es.update(mae, f"step{epoch}", patience=2)
+    assert (es.best_tag, es.bad_epochs, es.stop) == ("step2", 1, False)
 
 
 def make_tags(root: Path, steps, complete=True) -> None:
@@ -64,15 +91,15 @@ def finish_seed(run_dir: Path, seed: int, mae: float | None) -> None:
 
 def test_best_checkpoint_is_the_seed_with_the_lowest_validation_mae(tmp_path):
     with pytest.raises(UserError, match="no finished training"):
-        best_checkpoint(tmp_path, None)
+        RunDir(tmp_path).best_checkpoint(None)
     finish_seed(tmp_path, 0, 0.4)
     finish_seed(tmp_path, 1, 0.0)  # a perfect score is the best, not a missing one
     finish_seed(tmp_path, 2, None)  # not finite: never chosen
-    stage, path = best_checkpoint(tmp_path, None)
+    stage, path = RunDir(tmp_path).best_checkpoint(None)
     assert stage == "train" and path == tmp_path / "checkpoints/seed1/step5" / TRAINABLE
-    assert best_checkpoint(tmp_path, 0)[1].parts[-3] == "seed0"
+    assert RunDir(tmp_path).best_checkpoint(0)[1].parts[-3] == "seed0"
     with pytest.raises(UserError, match="no finished seed 7; finished: \\[0, 1, 2\\]"):
-        best_checkpoint(tmp_path, 7)
+        RunDir(tmp_path).best_checkpoint(7)
 
 
 def test_the_resume_guard_names_what_a_resume_cannot_take(tmp_path):
@@ -80,13 +107,13 @@ def test_the_resume_guard_names_what_a_resume_cannot_take(tmp_path):
     (tmp_path / "config.yaml").write_text(to_yaml(load_config(None, base)))
     (tmp_path / "stage").write_text("train")
     changed = load_config(None, [*base, "train.lr=5e-3", "model.n_fusion=4", "train.patience=3"])
-    assert check_resumable(changed, tmp_path, "train") == []  # no checkpoint yet: anything goes
+    assert RunDir(tmp_path).check_resumable(changed, "train") == []  # no checkpoint yet: anything goes
     make_tags(tmp_path / "checkpoints/seed0", [5])
     with pytest.raises(UserError, match=r"model\.n_fusion: 8 -> 4, train\.lr: 0\.0001 -> 0\.005"):
-        check_resumable(changed, tmp_path, "train")
+        RunDir(tmp_path).check_resumable(changed, "train")
     applied = load_config(None, [*base, "train.patience=3", "train.keep_last=5", "data.root=/moved", "run.seeds=[0,1]"])
-    assert check_resumable(applied, tmp_path, "train") == ["train.patience", "train.keep_last"]
+    assert RunDir(tmp_path).check_resumable(applied, "train") == ["train.patience", "train.keep_last"]
     # evaluation only needs the model to be the same
-    assert check_resumable(load_config(None, [*base, "train.lr=5e-3"]), tmp_path, "train", training=False) == []
+    assert RunDir(tmp_path).check_resumable(load_config(None, [*base, "train.lr=5e-3"]), "train", training=False) == []
     with pytest.raises(UserError, match="holds a 'train' run, not 'pretrain-av'"):
-        check_resumable(applied, tmp_path, "pretrain-av")
+        RunDir(tmp_path).check_resumable(applied, "pretrain-av")

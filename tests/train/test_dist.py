@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from fusion_dist.train.dist import detect
+from fusion_dist.dist import detect
 
 
 def test_single_process():
@@ -43,7 +43,7 @@ def test_srun_uses_first_host_from_scontrol(tmp_path, monkeypatch):
 
 WORKER = textwrap.dedent("""
     import os, signal, sys, time
-    from fusion_dist.train.dist import init_distributed, all_gather_object, barrier, log
+    from fusion_dist.dist import init_distributed, all_gather_object, barrier, log
     d = init_distributed(timeout_s=float(sys.argv[1]))
     got = all_gather_object({"rank": d.rank})
     assert got == [{"rank": r} for r in range(d.world_size)], got

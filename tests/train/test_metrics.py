@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
-from fusion_dist.train.metrics import MOSI_NAMES, SIMS_NAMES, json_safe, mmsa_metrics
+from fusion_dist.metrics import MOSI_NAMES, SIMS_NAMES, json_safe, mmsa_metrics
 
 
 # --- independent re-implementation of the MMSA reference formulas (SPEC 4.1), MMSA's style ---
@@ -51,7 +51,7 @@ def mmsa_sims_reference(p, t):
 
 
 def test_weighted_f1_equals_sklearn_on_random_classes():
-    from fusion_dist.train.metrics import _weighted_f1
+    from fusion_dist.metrics import _weighted_f1
 
     rng = np.random.default_rng(0)
     for n, k in [(1, 2), (7, 2), (50, 3), (200, 5)]:

@@ -59,7 +59,8 @@ def test_bf16_trains_checkpoints_trainable_state_only_and_resumes_exactly(engine
     # bf16 weights) plus small metadata, never the backbone: with LoRA the frozen weights outweigh that bound
     ck = run_dir / "checkpoints/seed0"
     tag = (ck / "latest").read_text().strip()
-    on_disk = sum(f.stat().st_size for f in (ck / tag).iterdir() if f.name != "trainable.safetensors")
+    on_disk = sum(f.stat().st_size for f in (ck / tag).iterdir()
+                  if f.name != "trainable.safetensors" and not f.name.startswith("train_state"))
     saved = torch.load(next((ck / tag).glob("*model_states.pt")), map_location="cpu", weights_only=False)
     trained = load_file(str(ck / tag / "trainable.safetensors"))
     assert set(saved["module"]) - set(saved["buffer_names"]) <= trained.keys()  # no frozen weight, no tied alias
@@ -68,6 +69,17 @@ def test_bf16_trains_checkpoints_trainable_state_only_and_resumes_exactly(engine
     assert 12 * n <= on_disk <= bound, (on_disk, n)
     if family == "deepmlf+lora":
         assert bound < 12 * n + frozen_bytes(engine_inputs[1])
+    # beside it, the world-size-independent trainable state: fp32 master and two Adam moments of each trainable
+    # parameter, gathered, and nothing else
+    elastic = {}
+    for f in sorted((ck / tag).glob("train_state-*.safetensors")):
+        elastic.update(load_file(str(f)))
+    masters = {k.split("/", 1)[1]: t for k, t in elastic.items() if k.startswith("fp32/")}
+    assert masters.keys() <= trained.keys() and masters and all(t.dtype == torch.float32 for t in elastic.values())
+    assert sorted(elastic) == sorted(f"{key}/{k}" for k in masters for key in ("fp32", "exp_avg", "exp_avg_sq"))
+    n_trainable = sum(t.numel() for t in masters.values())
+    elastic_bytes = sum(f.stat().st_size for f in (ck / tag).glob("train_state*"))
+    assert 12 * n_trainable <= elastic_bytes <= 12 * n_trainable + 256 * 1024
 
     # resume from the first mid-run checkpoint (as after a crash there): the same losses, the same weights
     resumed = tmp_path / "resumed"

@@ -5,72 +5,30 @@ import csv
 import json
 import signal
 import time
-from pathlib import Path
 
-import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import base_args, history, popen_cli, run_cli
+from conftest import (EXACT, base_args, history, last_weights, losses, popen_cli, rank_processes, run_cli,
+                      wait_for_checkpoint)
 
 pytestmark = pytest.mark.slow
-
-# dropout 0, no BatchNorm, no token-averaged LM term: a sample's loss does not depend on the ranks or
-# micro-batches it shares
-EXACT = ["model.av.batchnorm=false", "model.loss.lambda_lm=0", "train.epochs=2", "train.global_batch_size=16", "train.micro_batch_size=4",
-         "train.checkpoint_every_steps=3", "train.keep_last=10"]
-
-
-def last_weights(run_dir: Path) -> dict:
-    ck = run_dir / "checkpoints/seed0"
-    return load_file(str(ck / (ck / "latest").read_text().strip() / "trainable.safetensors"))
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in history(run_dir)}
-
-
-@pytest.fixture(scope="session")
-def ref_run(engine_inputs, tmp_path_factory):
-    """Uninterrupted 2-rank ZeRO-2 run: the reference for resume, evaluation and batch-equivalence tests."""
-    run_dir = tmp_path_factory.mktemp("ref") / "run"
-    r = run_cli("train", base_args(engine_inputs, run_dir, *EXACT, "train.zero_stage=2"), ranks=2)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return run_dir
-
-
-def _ranks(launcher: psutil.Process) -> list[psutil.Process]:
-    # the rank processes (the launcher passes them --local_rank=N), not the launcher's own processes
-    return [p for p in launcher.children(recursive=True) if any(a.startswith("--local_rank=") for a in p.cmdline())]
-
-
-def _wait_for_checkpoint(run_dir: Path, proc, min_step: int, timeout: float = 240) -> None:
-    latest = run_dir / "checkpoints/seed0/latest"
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if latest.is_file() and int(latest.read_text().strip()[4:]) >= min_step:
-            return
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.05)
-    raise AssertionError("no checkpoint in time")
-
 
 def test_preempt_kill_and_resume_match_uninterrupted_run(engine_inputs, ref_run, tmp_path):
     run_dir = tmp_path / "run"
     args = base_args(engine_inputs, run_dir, *EXACT, "train.zero_stage=2")
     # 1. preemption signal mid-epoch: finish the step, save, exit 85
     proc = popen_cli("train", args, ranks=2, launcher="deepspeed")
-    _wait_for_checkpoint(run_dir, proc, 3)
-    for p in _ranks(psutil.Process(proc.pid)):
+    wait_for_checkpoint(run_dir, proc, 3)
+    for p in rank_processes(proc):
         p.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 85, out[-3000:]
     assert "preempted; saved step" in out
     # 2. rerun resumes; then one rank is SIGKILLed: the whole job exits non-zero within a bound
     proc = popen_cli("train", args, ranks=2, launcher="deepspeed")
-    _wait_for_checkpoint(run_dir, proc, 6)
-    victim = [p for p in _ranks(psutil.Process(proc.pid))][-1]
+    wait_for_checkpoint(run_dir, proc, 6)
+    victim = [p for p in rank_processes(proc)][-1]
     victim.kill()
     t0 = time.monotonic()
     out, _ = proc.communicate(timeout=120)
@@ -134,16 +92,14 @@ def test_two_rank_evaluation_equals_one_rank(engine_inputs, ref_run, tmp_path):
     assert "Has0_acc_2" in r1.stdout
 
 
-def test_one_rank_same_global_batch_matches_two_ranks(engine_inputs, ref_run, tmp_path):
+def test_one_rank_same_global_batch_matches_two_ranks(reference_run, ref_run):
     """World-size-aware batch settings: the same global and micro batch on 1 rank derive twice the
     accumulation, the sampler deals the same micro-batches and each micro-batch draws the same dropout
     noise, so BatchNorm batch statistics, gradients and therefore every step's loss match the 2-rank run
     up to float summation order. Evaluation uses BatchNorm running statistics, an exponential average
     that each rank updates over its own micro-batches; the ranks average them before every evaluation, which
     comes close to, but is not exactly, the 1-rank average: metrics agree within a tolerance."""
-    run_dir = tmp_path / "run1"
-    r = run_cli("train", base_args(engine_inputs, run_dir, *EXACT, "train.zero_stage=2"), ranks=1)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir, r = reference_run(zero=2, ranks=1)
     assert "accumulation 4 x world 1" in r.stdout
     assert json.loads((ref_run / "ds_config.json").read_text())["gradient_accumulation_steps"] == 2
     one, two = losses(run_dir), losses(ref_run)

@@ -27,7 +27,8 @@ WORKER = textwrap.dedent("""
     from fusion_dist.config import load_config
     from fusion_dist.data import Collator
     from fusion_dist.models import build_model, gathered
-    from fusion_dist.train import dist, engine as E
+    from fusion_dist import dist
+    from fusion_dist.train import engine as E
     from fusion_dist.train.checkpoint import gathered_weights, load_weights
 
     config, backbone, extra_ds = sys.argv[1:4]

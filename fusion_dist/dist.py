@@ -157,13 +157,14 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank."""
-    if not tdist.is_initialized() or tdist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=src)
-    return box[0]
+def average_and_any(values: dict[str, float], flag: bool) -> tuple[dict[str, float], bool]:
+    """``values`` averaged over ranks, and whether ``flag`` is set on any rank (one all-reduce)."""
+    keys = sorted(values)
+    vec = torch.tensor([values[k] for k in keys] + [float(flag)], dtype=torch.float64)
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.all_reduce(vec)
+        vec[:-1] /= tdist.get_world_size()
+    return dict(zip(keys, vec[:-1].tolist())), bool(vec[-1] > 0)
 
 
 def average_buffers(module: torch.nn.Module) -> None:
