@@ -143,14 +143,15 @@ def activation_memory(backbone: Path, data: Path) -> dict[str, int]:
     import torch
 
     from fusion_dist.config import load_config
-    from fusion_dist.data import Collator, ShardDataset
+    from fusion_dist.data import ShardDataset
     from fusion_dist.models.build import build_for_stage
+    from fusion_dist.predict import collator_for
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = load_config(CONFIG, [f"model.backbone={backbone}", f"data.root={data}", "model.av.init=random+tune"])
     ds = ShardDataset(str(data), "train")
     model = build_for_stage(cfg, "train", ds.dims).train()
-    batch = Collator(model.tokenizer, cfg.data.max_text_tokens)([ds[i] for i in range(4)])
+    batch = collator_for(model, cfg.data.max_text_tokens)([ds[i] for i in range(4)])
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # saved for backward, but not activations
     out = {}
     for mode in ("none", "lm", "all"):

@@ -32,7 +32,7 @@ from fusion_dist.rundir import TRAINABLE, atomic_write
 COMPLETE = "complete"  # in a checkpoint tag, written once every rank saved its part
 TRAIN_STATE = "train_state"  # <tag>/train_state.json and train_state-<k>.safetensors: the world-size-free state
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state besides its step count (torch and DeepSpeed's CPU Adam)
-PART_BYTES = 256 * 2**20  # rank 0 holds at most about this much of the gathered trainable state while saving
+PART_BYTES = 64 * 2**20  # rank 0 holds at most about this much of the gathered trainable state while saving
 
 
 @dataclass
