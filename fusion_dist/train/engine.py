@@ -230,7 +230,24 @@ def initialize(model: torch.nn.Module, train: TrainConfig, ds_config: dict[str, 
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     release_free_memory()  # the unpartitioned copies ZeRO-3 replaced, the ZeRO-1/2 flattening's originals
+    _unlink_shared_memory()
     return engine
+
+
+def _unlink_shared_memory() -> None:
+    """Remove the name of this rank's DeepSpeed shared-memory all-reduce buffer (CPU ranks of one machine).
+
+    When every rank runs on one machine (the ``deepspeed`` launcher says so in ``LOCAL_SIZE``) DeepSpeed maps one
+    such file per rank, 66 MB in /dev/shm, that is in RAM, and never removes it: every run left its buffers
+    behind, finished or killed. Once the engine is up every rank has mapped every other rank's buffer, and a
+    mapping outlives the name: after a barrier each rank removes its own, and a run killed later leaves nothing."""
+    from fusion_dist import dist
+
+    dist.barrier()
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    name = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    name.unlink(missing_ok=True)
 
 
 def model_state_bytes(engine) -> dict[str, int]:

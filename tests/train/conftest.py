@@ -98,6 +98,12 @@ def test_metrics(run_dir: Path) -> dict:
 test_metrics.__test__ = False  # a helper, not a test
 
 
+def shared_memory_buffers() -> set[str]:
+    """DeepSpeed's shared-memory all-reduce buffers (the ``deepspeed`` launcher's CPU ranks map one each)."""
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("deepspeed_allreduce_buffer_*")} if shm.is_dir() else set()
+
+
 @pytest.fixture(scope="session")
 def reference_run(engine_inputs, tmp_path_factory):
     """``reference_run(zero, ranks)`` -> (run dir, CompletedProcess) of an uninterrupted EXACT run, trained once

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from conftest import (EXACT, base_args, history, last_weights, losses, popen_cli, rank_processes, run_cli,
-                      wait_for_checkpoint)
+                      shared_memory_buffers, wait_for_checkpoint)
 
 pytestmark = pytest.mark.slow
 
 def test_preempt_kill_and_resume_match_uninterrupted_run(engine_inputs, ref_run, tmp_path):
     run_dir = tmp_path / "run"
     args = base_args(engine_inputs, run_dir, *EXACT, "train.zero_stage=2")
+    shm = shared_memory_buffers()
     # 1. preemption signal mid-epoch: finish the step, save, exit 85
     proc = popen_cli("train", args, ranks=2, launcher="deepspeed")
     wait_for_checkpoint(run_dir, proc, 3)
@@ -46,6 +47,8 @@ def test_preempt_kill_and_resume_match_uninterrupted_run(engine_inputs, ref_run,
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
     assert json.loads((run_dir / "metrics.json").read_text())["mean"]["test"] == pytest.approx(
         json.loads((ref_run / "metrics.json").read_text())["mean"]["test"], rel=1e-5)
+    # none of the three jobs (preempted, killed, finished) left its ranks' shared memory behind
+    assert shared_memory_buffers() <= shm
 
 
 def test_run_dir_layout_and_export_predict(engine_inputs, ref_run, tmp_path):
