@@ -71,6 +71,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def slurm_master_port(job_id: int) -> int:
+    """The rendezvous port of a Slurm job's ranks when none is given: one per job, so that two jobs sharing a
+    head node do not collide (``launch/srun.sh`` asks for it too)."""
+    return 15000 + job_id % 20000
+
+
 def detect(env: Mapping[str, str] | None = None) -> DistEnv:
     """Rank, local rank and world size from whichever launcher started this process."""
     env = os.environ if env is None else env
@@ -97,7 +103,7 @@ def detect(env: Mapping[str, str] | None = None) -> DistEnv:
             launcher="srun",
             node=node,
             master_addr=addr,
-            master_port=int(env.get("MASTER_PORT") or 15000 + job_id % 20000),
+            master_port=int(env.get("MASTER_PORT") or slurm_master_port(job_id)),
         )
     return DistEnv(0, 0, 1, "single", node, "127.0.0.1", 0)
 

@@ -8,7 +8,7 @@
 #                                                                (allocate with --ntasks-per-node = GPUs per node)
 #
 # Settings (environment): FD_PROCS_PER_NODE (ranks per node; default the GPUs Slurm gave each node, or 1),
-# FD_MASTER_PORT (default 15000 + job id % 20000, the port fusion_dist.dist derives for srun ranks).
+# FD_MASTER_PORT (default: fusion_dist.dist.slurm_master_port of the job id, as srun ranks derive it).
 # If any task fails, srun stops the others (--kill-on-bad-exit), so a dead rank ends the step.
 # The srun process is exec'ed: signalling this script's pid signals srun, which forwards to every task.
 set -euo pipefail
@@ -21,7 +21,8 @@ mode=$1; shift
 nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
 procs=$(fd_procs_per_node)
 head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-port=${FD_MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}
+port=${FD_MASTER_PORT:-$(python -c "from fusion_dist.dist import slurm_master_port; print(slurm_master_port($SLURM_JOB_ID))")} \
+  || fd_die "no fusion-dist on this python (activate its environment, or set FD_VENV)"
 per_node=(srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1)
 
 case "$mode" in

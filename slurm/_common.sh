@@ -6,7 +6,7 @@
 #   FD_LAUNCHER        torchrun (default: one task per node, c10d) | deepspeed (one task per node, --no_ssh)
 #                      | srun (one task per GPU; allocate --ntasks-per-node = GPUs per node)
 #   FD_PROCS_PER_NODE  ranks per node (default: the GPUs Slurm gave each node, or 1 on CPU nodes)
-#   FD_MASTER_PORT     rendezvous port on the head node (default 15000 + job id % 20000)
+#   FD_MASTER_PORT     rendezvous port on the head node (default: one per job id, fusion_dist.dist.slurm_master_port)
 #   FD_VENV            virtualenv to activate (default <checkout>/.venv when present and none is active)
 #
 # Preemption: `#SBATCH --signal=B:USR1@N` sends SIGUSR1 to this shell N seconds before the time limit.
