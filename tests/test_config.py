@@ -63,3 +63,29 @@ def test_every_shipped_config_loads(path):
     text = path.read_text()
     overrides = [o for o, key in zip(REQUIRED, ("root:", "backbone:")) if key not in text]
     load_config(path, overrides)
+
+
+def test_paper_config_headers_are_commands_that_run_as_written():
+    """Every ``fusion-dist ...`` command in a paper config's header names a real subcommand and this file, and its
+    overrides load; stage 1 (``pretrain-av``) trains at ``train.av_lr``, so that is the lr its command sets."""
+    import re
+    import shlex
+
+    from fusion_dist.cli import COMMANDS
+
+    paper = sorted((ROOT / "configs/paper").glob("*.yaml"))
+    assert paper
+    for path in paper:
+        rel = str(path.relative_to(ROOT))
+        header = [ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")]
+        commands = [c.strip() for ln in header if ln.startswith("fusion-dist ") for c in ln.split("&&")]
+        assert any(c.startswith("fusion-dist pretrain-av ") for c in commands), rel
+        for command in commands:
+            words = shlex.split(re.sub(r"<[^>]*>", "/placeholder", command))
+            assert words[0] == "fusion-dist" and words[1] in COMMANDS, (rel, command)
+            assert words[2] == rel, (rel, command)
+            overrides = words[3:]
+            load_config(str(ROOT / words[2]), overrides)
+            if words[1] == "pretrain-av":
+                keys = {o.split("=", 1)[0] for o in overrides}
+                assert "train.av_lr" in keys and "train.lr" not in keys, (rel, command)
