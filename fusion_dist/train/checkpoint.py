@@ -244,14 +244,14 @@ def save_train_state(engine, tag_dir: Path, state: TrainState, denv: dist.DistEn
     step = _inner(optimizer).state[_flat_masters(optimizer)[0]]["step"]
     _link_moments(optimizer)
     part: dict[str, torch.Tensor] = {}
-    n_parts = 0
+    n_parts = part_bytes = 0
 
     def flush() -> None:
-        nonlocal part, n_parts
-        if denv.is_main and part:
+        nonlocal part, n_parts, part_bytes
+        if part:
             save_file(part, str(tag_dir / f"{TRAIN_STATE}-{n_parts:05d}.safetensors"))
             n_parts += 1
-        part = {}
+        part, part_bytes = {}, 0
 
     for name, p in _trainable(engine.module):
         for key in (None, *MOMENTS):
@@ -259,9 +259,11 @@ def save_train_state(engine, tag_dir: Path, state: TrainState, denv: dist.DistEn
             if denv.is_main:
                 part[f"{key or 'fp32'}/{name}"] = value.detach().float().cpu().clone().reshape(
                     getattr(p, "ds_shape", p.shape))
-            if sum(t.nbytes for t in part.values()) >= PART_BYTES:
-                flush()
-    flush()
+                part_bytes += value.numel() * 4
+                if part_bytes >= PART_BYTES:
+                    flush()
+    if denv.is_main:
+        flush()
     if denv.is_main:
         meta = {"world_size": denv.world_size, "state": state.state_dict(), "optimizer_step": int(step),
                 "scheduler": engine.lr_scheduler.state_dict(), "parts": n_parts}
