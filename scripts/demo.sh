@@ -51,8 +51,7 @@ step "5. tiny random Llama backbone"
 [ -f "$OUT/backbone/config.json" ] || $FD make-backbone --arch llama --preset tiny --out "$OUT/backbone"
 
 step "6. stage 1: AV encoder pretraining on $RANKS ranks (resumes if interrupted)"
-launch pretrain-av configs/demo/deepmlf_tiny.yaml "${COMMON[@]}" run.dir="$OUT/runs/av_pretrain" \
-  train.epochs=4 train.av_lr=1e-3
+launch pretrain-av configs/demo/deepmlf_tiny.yaml "${COMMON[@]}" run.dir="$OUT/runs/av_pretrain"
 
 step "7. stage 2: DeepMLF from the pretrained encoder on $RANKS ranks"
 launch train configs/demo/deepmlf_tiny.yaml "${COMMON[@]}" run.dir="$OUT/runs/deepmlf_tiny" \

@@ -67,11 +67,12 @@ def test_every_shipped_config_loads(path):
 
 def test_paper_config_headers_are_commands_that_run_as_written():
     """Every ``fusion-dist ...`` command in a paper config's header names a real subcommand and this file, and its
-    overrides load; stage 1 (``pretrain-av``) trains at ``train.av_lr``, so that is the lr its command sets."""
+    arguments parse as that command parses them (``pretrain-av`` refuses the train keys its section replaces)."""
     import re
     import shlex
 
     from fusion_dist.cli import COMMANDS
+    from fusion_dist.train.commands import _parse
 
     paper = sorted((ROOT / "configs/paper").glob("*.yaml"))
     assert paper
@@ -79,13 +80,38 @@ def test_paper_config_headers_are_commands_that_run_as_written():
         rel = str(path.relative_to(ROOT))
         header = [ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")]
         commands = [c.strip() for ln in header if ln.startswith("fusion-dist ") for c in ln.split("&&")]
-        assert any(c.startswith("fusion-dist pretrain-av ") for c in commands), rel
+        assert [c.split()[1] for c in commands if c.split()[1] in ("pretrain-av", "train", "evaluate")] == \
+            ["pretrain-av", "train", "evaluate"], rel
         for command in commands:
             words = shlex.split(re.sub(r"<[^>]*>", "/placeholder", command))
             assert words[0] == "fusion-dist" and words[1] in COMMANDS, (rel, command)
             assert words[2] == rel, (rel, command)
-            overrides = words[3:]
-            load_config(str(ROOT / words[2]), overrides)
-            if words[1] == "pretrain-av":
-                keys = {o.split("=", 1)[0] for o in overrides}
-                assert "train.av_lr" in keys and "train.lr" not in keys, (rel, command)
+            if words[1] in ("pretrain-av", "train", "evaluate"):
+                _parse([str(ROOT / words[2]), *words[3:]], words[1])
+            else:
+                load_config(str(ROOT / words[2]), words[3:])
+
+
+def test_pretrain_section_is_stage_one_and_its_keys_are_refused_as_train_keys(tmp_path):
+    from fusion_dist.config import stage_config
+    from fusion_dist.train.commands import _parse
+
+    cfg = load_config(ROOT / "configs/paper/deepmlf_sims.yaml", ["train.zero_stage=3"])
+    one = stage_config(cfg, "pretrain-av")
+    assert (one.train.lr, one.train.av_lr, one.train.global_batch_size, one.train.schedule) == (5e-4, 5e-4, 128, "plateau")
+    assert (one.train.grad_clip_mode, one.train.grad_clip, one.train.grad_clip_av) == ("value", 1.0, True)
+    assert (one.train.patience, one.train.weight_decay, one.train.zero_stage) == (8, 0.01, 3)  # ZeRO: train's
+    assert (one.model.av.maxlen, one.model.av.softperm, one.model.av.batchnorm) == (39, 0.2, ["audio", "vision"])
+    assert stage_config(cfg, "train") is cfg and cfg.model.av.maxlen == 55 and cfg.train.lr == 1e-4
+    unset = stage_config(load_config(ROOT / "configs/paper/deepmlf_mosi.yaml"), "pretrain-av")
+    assert unset.model.av.maxlen == 50  # pretrain.maxlen unset: model.av's
+    for key, instead in [("train.av_lr=1e-3", "pretrain.lr"), ("train.epochs=3", "pretrain.epochs"),
+                         ("model.av.batchnorm=[]", "pretrain.batchnorm")]:
+        with pytest.raises(ConfigError, match=f"{key.split('=')[0]} does not apply to pretrain-av: stage 1 "
+                                              f"trains with {instead}"):
+            _parse([str(ROOT / "configs/paper/deepmlf_sims.yaml"), key], "pretrain-av")
+    _parse([str(ROOT / "configs/paper/deepmlf_sims.yaml"), "train.av_lr=1e-3"], "train")
+    with pytest.raises(ConfigError, match=r"pretrain\.plateau_factor=1\.5: must be in \(0, 1\)"):
+        load_config(ROOT / "configs/paper/deepmlf_sims.yaml", ["pretrain.plateau_factor=1.5"])
+    with pytest.raises(ConfigError, match="train.grad_clip_av=false needs train.grad_clip_mode=value"):
+        load_config(ROOT / "configs/paper/deepmlf_sims.yaml", ["train.grad_clip_mode=norm"])

@@ -10,7 +10,7 @@ from fusion_dist.models import (
     build_av_pretrainer, build_model, check_feature_dims, choose_attn_implementation, load_av_encoder,
     load_backbone, save_av_encoder,
 )
-from fusion_dist.models.augment import TextAugment, permute_real_positions
+from fusion_dist.models.augment import TextAugment, augment_frames, permute_real_positions
 from model_helpers import AUDIO_DIM, VISION_DIM, backbones, single_thread, tiny_cfg  # noqa: F401
 
 
@@ -99,6 +99,53 @@ def test_augmentation_never_mixes_padding_into_real_tokens(kind):
             for row in out[b][valid[b]]:
                 assert ((row[None] == real).any(0)).all()
     assert torch.equal(aug.eval()(emb, valid), emb)
+
+
+@pytest.mark.parametrize("kind", ["softperm", "frame_mask", "modality_mask"])
+def test_av_frame_augmentation_changes_only_real_frames_and_only_in_training(kind):
+    """SoftPerm (both stages), DMPF's frame and modality masking: padding frames stay as they are, real frames
+    change, and an encoder in eval mode computes exactly what it computes without the augmentation."""
+    torch.manual_seed(0)
+    batch = av_batch()
+    lengths, frames = batch["audio_lengths"], batch["audio"].clone()
+    valid = batch["audio_mask"]
+    frames[~valid] = 1e4
+    cfg = tiny_cfg("unused").av
+    setattr(cfg, kind, 0.5)
+    out = augment_frames(frames, lengths, cfg, modality_mask=True)
+    assert torch.equal(out[~valid], frames[~valid])
+    assert out[valid].abs().max() < 1e3 and not torch.equal(out[valid], frames[valid])
+    if kind == "softperm":  # each real value comes from the same channel of a real frame of that sample
+        for b in range(len(lengths)):
+            real = frames[b][valid[b]]
+            assert all(((row[None] == real).any(0)).all() for row in out[b][valid[b]])
+    else:  # masking zeroes whole frames
+        changed = (out != frames).any(-1)
+        assert (out[changed] == 0).all()
+    plain = build_av_pretrainer(tiny_cfg("unused").av, AUDIO_DIM, VISION_DIM, head_hidden=16)
+    augmented = build_av_pretrainer(cfg, AUDIO_DIM, VISION_DIM, head_hidden=16)
+    augmented.load_state_dict(plain.state_dict())
+    batch = av_batch()
+    for mode, same in ((False, True), (True, False)):
+        torch.manual_seed(1)
+        z_plain = plain.train(mode).av_encoder(batch, torch.float32)[0]
+        torch.manual_seed(1)
+        z_aug = augmented.train(mode).av_encoder(batch, torch.float32)[0]
+        assert torch.equal(z_plain, z_aug) == same, (kind, mode)
+
+
+def test_lm_dropout_is_a_switch(backbones):
+    """``model.lm_dropout``: the frozen GPT-2's own dropout runs at train time only when switched on."""
+    from model_helpers import planted_batch
+
+    for on in (False, True):
+        # no FFW copies: they are trainable modules with GPT-2's own MLP dropout whatever the switch
+        model = build_model(tiny_cfg(backbones["gpt2"], lm_dropout=on, ffw=False), AUDIO_DIM, VISION_DIM).train()
+        assert model.lm.training == on and not model.eval().lm.training
+        batch = planted_batch(model.tokenizer, n=4)
+        model.train()
+        first, second = model(batch).prediction, model(batch).prediction
+        assert torch.equal(first, second) != on
 
 
 def test_permutation_stays_within_each_samples_real_positions():

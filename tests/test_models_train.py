@@ -3,6 +3,8 @@ GPT-2 and Llama backbones, in fp32 and under bf16 autocast; a bf16 model takes f
 
 import contextlib
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -40,7 +42,8 @@ def stage1_exports(tmp_path_factory) -> dict[bool, str]:
 
     out = {}
     for batchnorm in (True, False):
-        cfg = Config(data=DataConfig(root="unused"), model=tiny_cfg("unused", av__batchnorm=batchnorm))
+        cfg = Config(data=DataConfig(root="unused"),
+                     model=tiny_cfg("unused", av__batchnorm=["audio", "vision"] if batchnorm else []))
         pretrainer = build_av_pretrainer(cfg.model.av, AUDIO_DIM, VISION_DIM, head_hidden=16)
         out[batchnorm] = str(save_av_encoder(pretrainer.av_encoder.state_dict(), pretrainer.av_encoder.dims,
                                              tmp_path_factory.mktemp("stage1"), cfg))
@@ -52,7 +55,8 @@ def stage1_exports(tmp_path_factory) -> dict[bool, str]:
 @pytest.mark.parametrize("lora", [True, False])
 @pytest.mark.parametrize("family", ["deepmlf", "dmpf"])
 def test_bf16_model_casts_fp32_features(backbones, stage1_exports, family, lora, batchnorm, init):
-    cfg = tiny_cfg(backbones["llama"], family, lora__enabled=lora, av__batchnorm=batchnorm, av__init=init,
+    cfg = tiny_cfg(backbones["llama"], family, lora__enabled=lora, av__batchnorm=["audio", "vision"] * batchnorm,
+                   av__init=init,
                    av__checkpoint=None if init == "random+tune" else stage1_exports[batchnorm])
     model = build_model(cfg, AUDIO_DIM, VISION_DIM, dtype=torch.bfloat16).train()
     # one dtype for every parameter (what DeepSpeed's flat buffers need); BatchNorm statistics stay fp32
@@ -69,9 +73,29 @@ def test_bf16_model_casts_fp32_features(backbones, stage1_exports, family, lora,
 def test_a_stage1_export_of_another_shape_is_refused_naming_the_keys(backbones, stage1_exports):
     from fusion_dist.errors import UserError
 
-    cfg = tiny_cfg(backbones["gpt2"], av__batchnorm=False, av__init="pretrained+tune", av__checkpoint=stage1_exports[True])
-    with pytest.raises(UserError, match=r"model\.av\.batchnorm True there, False here"):
+    cfg = tiny_cfg(backbones["gpt2"], av__d_enc=4, av__init="pretrained+tune", av__checkpoint=stage1_exports[True])
+    with pytest.raises(UserError, match=r"model\.av\.d_enc 8 there, 4 here"):
         build_model(cfg, AUDIO_DIM, VISION_DIM)
+
+
+def test_stage2_batchnorm_choice_differs_from_stage1(backbones, stage1_exports):
+    """Stage 2 loads a stage-1 encoder with its own BatchNorm choice (the reference's MOSI: audio BatchNorm in
+    stage 1, none in stage 2): every other weight is the export's, a BatchNorm the export lacks starts fresh."""
+    from safetensors.torch import load_file
+
+    from fusion_dist.models.av_encoder import ENCODER_FILE
+
+    for exported, own in [(True, []), (False, ["audio"])]:
+        cfg = tiny_cfg(backbones["gpt2"], av__batchnorm=own, av__init="pretrained+tune",
+                       av__checkpoint=stage1_exports[exported])
+        state = build_model(cfg, AUDIO_DIM, VISION_DIM).av_encoder.state_dict()
+        saved = load_file(str(Path(stage1_exports[exported]) / ENCODER_FILE))
+        assert {k for k in state if ".norm_in." in k} == {k for k in state if k.startswith("encoders.audio.norm_in.")
+                                                         and own}
+        for k, v in state.items():
+            if ".norm_in." not in k:
+                assert torch.equal(v, saved[k]), k
+        assert all(".norm_in." in k for k in set(saved) - set(state))
 
 
 def test_av_pretrainer_learns(backbones):

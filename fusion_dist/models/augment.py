@@ -1,10 +1,12 @@
-"""Text-embedding augmentation at train time (SPEC 3.2): SeqAug, Gaussian noise, dropout, or none.
+"""Train-time augmentation: of the text embeddings (SPEC 3.2: SeqAug, Gaussian noise, dropout, or none) and of
+the raw audio/vision frames (SoftPerm; DMPF's frame and modality masking).
 
-Every method touches real text positions only: padding neither receives nor lends values.
+Every method touches real positions only: padding neither receives nor lends values. In eval mode all are identity.
 
-SeqAug (Georgiou & Potamianos 2023): draw a permutation pi of each sample's real positions and a
-per-sample Bernoulli(p_perm) mask over embedding channels; the drawn channels take the permuted
-position's value, E <- m * E + (1 - m) * E[pi] with m = 1 - Bernoulli(p_perm).
+SeqAug / SoftPerm (Georgiou & Potamianos 2023): draw a permutation pi of each sample's real positions and a
+per-sample Bernoulli(p) mask over channels; the drawn channels take the permuted position's value,
+X <- m * X + (1 - m) * X[pi] with m = 1 - Bernoulli(p). SeqAug applies it to token embeddings, to a batch with
+probability p_apply; SoftPerm to every training batch of frames.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusion_dist.config import AugmentConfig, ConfigError
+from fusion_dist.config import AugmentConfig, AVEncoderConfig, ConfigError
 
 KINDS = ("seqaug", "noise", "dropout", "none")
 
@@ -30,6 +32,29 @@ def permute_real_positions(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor
     return x.gather(1, src[..., None].expand_as(x))
 
 
+def soft_permute(x: torch.Tensor, valid: torch.Tensor, p: float) -> torch.Tensor:
+    """SeqAug's rule on (B, T, D): each (sample, channel) with probability ``p`` takes the values of a permutation
+    of the sample's real positions."""
+    swap = torch.rand(x.shape[0], 1, x.shape[-1], device=x.device) < p
+    return torch.where(swap & valid[..., None], permute_real_positions(x, valid), x)
+
+
+def augment_frames(x: torch.Tensor, lengths: torch.Tensor, cfg: AVEncoderConfig, modality_mask: bool) -> torch.Tensor:
+    """Raw frames (B, L, D) of one modality at train time: SoftPerm with ``cfg.softperm``, each real frame zeroed
+    with ``cfg.frame_mask``, and (``modality_mask``: in an encoder of several modalities) the sample's whole
+    modality zeroed with ``cfg.modality_mask``."""
+    valid = torch.arange(x.shape[1], device=x.device)[None] < lengths.to(x.device)[:, None]
+    if cfg.softperm > 0:
+        x = soft_permute(x, valid, cfg.softperm)
+    drop = torch.zeros_like(valid)
+    if cfg.frame_mask > 0:
+        drop |= torch.rand(valid.shape, device=x.device) < cfg.frame_mask
+    if modality_mask and cfg.modality_mask > 0:
+        drop |= torch.rand(x.shape[0], 1, device=x.device) < cfg.modality_mask
+    drop &= valid
+    return x.masked_fill(drop[..., None], 0.0) if drop.any() else x
+
+
 class TextAugment(nn.Module):
     def __init__(self, cfg: AugmentConfig):
         super().__init__()
@@ -43,8 +68,7 @@ class TextAugment(nn.Module):
             return emb
         real = valid[..., None].to(emb.dtype)
         if cfg.kind == "seqaug":
-            swap = torch.rand(emb.shape[0], 1, emb.shape[-1], device=emb.device) < cfg.p_perm
-            return torch.where(swap & valid[..., None], permute_real_positions(emb, valid), emb)
+            return soft_permute(emb, valid, cfg.p_perm)
         if cfg.kind == "noise":
             return emb + real * cfg.noise_std * torch.randn_like(emb)
         return emb + real * (nn.functional.dropout(emb, cfg.dropout, True) - emb)

@@ -21,6 +21,7 @@ from torch import nn
 from data_prep.shards import MODALITIES
 from fusion_dist.config import AVEncoderConfig, from_yaml, to_yaml
 from fusion_dist.errors import UserError
+from fusion_dist.models.augment import augment_frames
 from fusion_dist.models.heads import BatchNorm, ModelOutput, regression_head
 
 
@@ -56,10 +57,10 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class ModalityEncoder(nn.Module):
     """One modality's frames -> (B, maxlen, d_enc) states."""
 
-    def __init__(self, in_dim: int, cfg: AVEncoderConfig):
+    def __init__(self, in_dim: int, cfg: AVEncoderConfig, batchnorm: bool):
         super().__init__()
         self.maxlen, self.d_enc = cfg.maxlen, cfg.d_enc
-        self.norm_in = BatchNorm(in_dim) if cfg.batchnorm else None
+        self.norm_in = BatchNorm(in_dim) if batchnorm else None
         self.proj = nn.Linear(in_dim, cfg.d_enc, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
         layer = nn.TransformerEncoderLayer(
@@ -94,8 +95,8 @@ class AVEncoder(nn.Module):
         if cfg.d_enc % cfg.n_heads:
             raise UserError(f"model.av.n_heads: {cfg.n_heads} does not divide model.av.d_enc={cfg.d_enc}")
         self.dims = dict(dims)
-        self.d_av = cfg.d_av
-        self.encoders = nn.ModuleDict({m: ModalityEncoder(d, cfg) for m, d in dims.items()})
+        self.d_av, self.cfg = cfg.d_av, cfg
+        self.encoders = nn.ModuleDict({m: ModalityEncoder(d, cfg, m in cfg.batchnorm) for m, d in dims.items()})
         self.fuse = nn.Linear(len(dims) * cfg.d_enc, cfg.d_av)
         self.norm = nn.LayerNorm(cfg.d_av)
 
@@ -103,7 +104,10 @@ class AVEncoder(nn.Module):
         """-> Z (B, maxlen, d_av), mask (B, maxlen) True = real step."""
         states, masks = [], []
         for m, enc in self.encoders.items():
-            s, mask = enc(batch[m].to(dtype), batch[f"{m}_lengths"])
+            x, lengths = batch[m].to(dtype), batch[f"{m}_lengths"]
+            if self.training:
+                x = augment_frames(x, lengths, self.cfg, modality_mask=len(self.encoders) > 1)
+            s, mask = enc(x, lengths)
             states.append(s)
             masks.append(mask)
         mask = torch.stack(masks).any(0)
@@ -149,7 +153,7 @@ def save_av_encoder(state: dict[str, torch.Tensor], dims: dict[str, int], direct
     return directory
 
 
-SHAPE_KEYS = ("maxlen", "d_enc", "n_layers", "n_heads", "d_av", "batchnorm")  # model.av keys that shape the weights
+SHAPE_KEYS = ("d_enc", "n_layers", "n_heads", "d_av")  # model.av keys that shape the weights (BatchNorm: load_into)
 
 
 def load_av_encoder(directory: str | Path, expected: AVEncoderConfig | None = None) -> AVEncoder:
@@ -175,3 +179,13 @@ def load_av_encoder(directory: str | Path, expected: AVEncoderConfig | None = No
     encoder = AVEncoder(dims, saved)
     encoder.load_state_dict(load_file(str(weights)))
     return encoder
+
+
+def load_into(target: AVEncoder, source: AVEncoder) -> list[str]:
+    """``source``'s weights into ``target`` (same shape keys): the per-modality input BatchNorms follow the target's
+    own ``batchnorm`` (one the source lacks starts fresh, one it has and the target does not is dropped).
+    Returns the modalities whose BatchNorm starts fresh."""
+    state = {k: v for k, v in source.state_dict().items() if not (".norm_in." in k and k not in target.state_dict())}
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    assert not unexpected and all(".norm_in." in k for k in missing), (missing, unexpected)
+    return sorted({k.split(".")[1] for k in missing})

@@ -16,7 +16,7 @@ from torch import nn
 
 from fusion_dist.config import PRETRAIN_AV, AVEncoderConfig, Config, ConfigError, ModelConfig
 from fusion_dist.errors import UserError
-from fusion_dist.models.av_encoder import build_av_pretrainer, load_av_encoder
+from fusion_dist.models.av_encoder import build_av_pretrainer, load_av_encoder, load_into
 from fusion_dist.models.backbone import (
     backbone_on_meta, choose_attn_implementation, load_backbone, load_backbone_config, load_tokenizer,
 )
@@ -157,13 +157,10 @@ def init_av_encoder(model: nn.Module, av_cfg: AVEncoderConfig, audio_dim: int, v
             f"model.av.checkpoint: {av_cfg.checkpoint} was trained on feature dims {stage1.dims}, "
             f"but the data manifest has {want}"
         )
-    try:
-        model.av_encoder.load_state_dict(stage1.state_dict())
-    except RuntimeError as exc:
-        raise UserError(
-            f"model.av.checkpoint: {av_cfg.checkpoint} does not fit model.av (d_enc/d_av/n_layers/maxlen differ): "
-            f"{str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else exc}"
-        ) from exc
+    fresh = load_into(model.av_encoder, stage1)
+    if fresh:
+        log.info("model.av.batchnorm: %s has no input BatchNorm for %s; it starts fresh", av_cfg.checkpoint,
+                 ", ".join(fresh))
     if av_cfg.init == "pretrained+frozen":
         for p in model.av_encoder.parameters():
             p.requires_grad_(False)

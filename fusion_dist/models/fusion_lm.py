@@ -59,7 +59,7 @@ def _call(module: nn.Module, recompute: bool, *args, **kwargs) -> torch.Tensor:
     """``module(*args, **kwargs)``; with ``recompute`` its activations are not kept but recomputed in backward.
 
     Our own loop does this, not transformers' ``gradient_checkpointing_enable()``: HF checkpoints only layers in
-    training mode, and the frozen LM always runs in eval mode. Non-reentrant checkpointing lets gradients reach
+    training mode, and the frozen LM runs in eval mode unless ``model.lm_dropout``. Non-reentrant checkpointing lets gradients reach
     the fusion tokens through frozen layers, and restores the RNG state, so dropout draws the same masks."""
     if recompute:
         return checkpoint(module, *args, use_reentrant=False, **kwargs)
@@ -85,7 +85,7 @@ class FusionLM(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.lm.eval()  # the frozen LM never runs its dropout
+        self.lm.train(mode and self.cfg.lm_dropout)  # frozen weights; its own dropout only with model.lm_dropout
         for name in self.frozen_encoders:
             getattr(self, name).eval()
         return self

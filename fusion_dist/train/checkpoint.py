@@ -52,6 +52,24 @@ class EarlyStopping:
 
 
 @dataclass
+class Plateau:
+    """ReduceLROnPlateau (``train.schedule=plateau``) on the validation MAE, torch's rule: an epoch improves when it
+    beats the best by more than 1e-4 relative; after more than ``patience`` epochs in a row that do not, the
+    learning rate is multiplied by ``factor`` and the count starts again."""
+    best: float | None = None
+    bad_epochs: int = 0
+    scale: float = 1.0
+
+    def update(self, mae: float, patience: int, factor: float) -> None:
+        if self.best is None or mae < self.best * (1 - 1e-4):
+            self.best, self.bad_epochs = mae, 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs > patience:
+            self.scale, self.bad_epochs = self.scale * factor, 0
+
+
+@dataclass
 class TrainState:
     """Where a seed's training stands; ``state_dict`` is the client state every checkpoint carries.
 
@@ -61,6 +79,7 @@ class TrainState:
     step_in_epoch: int = 0
     global_step: int = 0
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    plateau: Plateau = field(default_factory=Plateau)
     tracking: dict = field(default_factory=lambda: {"parent": None, "child": None})  # MLflow run ids
 
     def state_dict(self) -> dict:
@@ -69,6 +88,7 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         self.early_stopping = EarlyStopping(**state["early_stopping"])
+        self.plateau = Plateau(**state.get("plateau", {}))
         self.tracking = dict(state["tracking"])
 
 

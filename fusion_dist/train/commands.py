@@ -24,7 +24,10 @@ import signal
 from safetensors.torch import load_file
 
 from fusion_dist import dist
-from fusion_dist.config import PRETRAIN_AV, TRAIN, Config, ConfigError, batch_geometry, load_config, to_flat_dict, to_yaml
+from fusion_dist.config import (
+    PRETRAIN_AV, TRAIN, Config, ConfigError, batch_geometry, load_config, pretrain_replaces, stage_config, to_flat_dict,
+    to_yaml,
+)
 from fusion_dist.data import ShardDataset, check_root, feature_dims, metric_set, read_manifest
 from fusion_dist.dist import log
 from fusion_dist.export import check_export_target, write_export
@@ -102,6 +105,7 @@ def setup(cfg: Config, stage: str, restart: bool = False):
 
 
 def train_command(cfg: Config, stage: str, restart: bool = False) -> int:
+    cfg = stage_config(cfg, stage)
     denv, manifest, ds_config, run = setup(cfg, stage, restart)
     log.info(to_yaml(cfg))
     from fusion_dist.tracking import Tracker
@@ -142,6 +146,7 @@ def evaluate_command(cfg: Config) -> int:
     manifest = read_manifest(cfg.data.root)
     run = RunDir(cfg.run.dir)
     stage = run.stage()
+    cfg = stage_config(cfg, stage)
     run.check_resumable(cfg, stage, training=False)
     data = {s: ShardDataset(cfg.data.root, s) for s in ("valid", "test")}
     results = {}
@@ -168,6 +173,13 @@ def _parse(argv: list[str], prog: str) -> tuple[Config, bool]:
         p.add_argument("--restart", action="store_true",
                        help="train run.dir from scratch: delete its checkpoints and step logs first")
     args = p.parse_args(argv)
+    if prog == PRETRAIN_AV:
+        replaced = pretrain_replaces()
+        for item in args.overrides:
+            key = item.split("=", 1)[0]
+            if key in replaced:
+                raise ConfigError(f"command line: {key} does not apply to pretrain-av: stage 1 trains with "
+                                  f"{replaced[key]} (the pretrain section replaces {', '.join(replaced)})")
     return load_config(args.config, args.overrides), getattr(args, "restart", False)
 
 

@@ -100,7 +100,7 @@ def deepspeed_config(train: TrainConfig, world_size: int, trainable: int | None 
         "train_batch_size": geometry.global_batch,
         "train_micro_batch_size_per_gpu": geometry.micro,
         "gradient_accumulation_steps": geometry.accumulation,
-        "gradient_clipping": train.grad_clip,
+        "gradient_clipping": train.grad_clip if train.grad_clip_mode == "norm" else 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": train.precision == "bf16"},
         "fp16": {"enabled": train.precision == "fp16", "initial_scale_power": 16},
@@ -125,7 +125,8 @@ def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
 
 def param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict[str, Any]]:
     """AdamW groups (SPEC 4): LM-side trainables at ``lr``, AV encoders at ``av_lr``; no weight decay on
-    biases, norms and other 1-D params, gates and fusion tokens. Frozen params never reach the optimizer."""
+    biases, norms and other 1-D params, gates and fusion tokens. Frozen params never reach the optimizer.
+    ``clip_value``: the element-wise gradient bound of the group (0: none; ``train.grad_clip_mode=value``)."""
     groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -140,21 +141,56 @@ def param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict[str, A
             "params": params,
             "lr": train.av_lr if side == "av" else train.lr,
             "weight_decay": 0.0 if nd else train.weight_decay,
+            "clip_value": train.grad_clip if train.grad_clip_mode == "value" and (side == "lm" or train.grad_clip_av)
+            else 0.0,
         }
         for (side, nd), params in sorted(groups.items())
     ]
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int):
-    """LR multiplier: linear warmup to 1 over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+def lr_factor(train: TrainConfig, steps_per_epoch: int, peak: float, plateau_scale=None):
+    """The LR multiplier of optimizer step s for a param group whose peak lr is ``peak``.
+
+    Linear warmup from 0 over ``train.warmup_epochs``; then ``cosine``: from 1 down to ``min_lr / peak`` over
+    ``train.schedule_epochs`` (default: the rest of ``train.epochs``), restarting at 1 after each period with
+    ``train.lr_restarts``, else holding the floor; or ``plateau``: ``plateau_scale()``, the ReduceLROnPlateau
+    factor that epoch ends update (``TrainState.plateau``)."""
+    warmup = round(train.warmup_epochs * steps_per_epoch)
+    period = max(1, round(train.schedule_epochs * steps_per_epoch) if train.schedule_epochs
+                 else train.epochs * steps_per_epoch - warmup)
+    floor = min(1.0, train.min_lr / peak)
 
     def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if step < warmup:
+            return (step + 1) / warmup
+        if train.schedule == "plateau":
+            return plateau_scale()
+        t = step - warmup
+        t = t % period if train.lr_restarts else min(t, period)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t / period))
 
     return factor
+
+
+def refresh_lr(engine) -> None:
+    """Set every group's lr to what the schedule gives for the current step now (after a plateau update or a
+    resume), not only at the next optimizer step."""
+    sched = engine.lr_scheduler
+    for group, factor in zip(sched.optimizer.param_groups, sched.lr_lambdas):
+        group["lr"] = group["initial_lr"] * factor(sched.last_epoch)
+
+
+def _clip_by_value(optimizer, args, kwargs) -> None:
+    """Optimizer step pre-hook: clamp each group's gradients to +-``clip_value`` (``train.grad_clip_mode=value``).
+
+    It runs on what the optimizer steps: under ZeRO the reduced gradients of this rank's fp32 partition, so an
+    element-wise clamp gives the same update on any number of ranks."""
+    for group in optimizer.param_groups:
+        c = group["clip_value"]
+        if c > 0:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.clamp_(-c, c)
 
 
 @contextlib.contextmanager
@@ -201,9 +237,9 @@ def release_free_memory() -> None:
         libc.malloc_trim(0)
 
 
-def initialize(model: torch.nn.Module, train: TrainConfig, ds_config: dict[str, Any], total_steps: int,
-               warmup_steps: int):
-    """``deepspeed.initialize`` with our optimizer and schedule; returns the engine.
+def initialize(model: torch.nn.Module, train: TrainConfig, ds_config: dict[str, Any], steps_per_epoch: int,
+               plateau_scale=None):
+    """``deepspeed.initialize`` with our optimizer and schedule (``lr_factor``); returns the engine.
 
     ZeRO-Offload uses DeepSpeed's CPU Adam (the fast one for offloaded states); otherwise torch AdamW.
     """
@@ -224,7 +260,9 @@ def initialize(model: torch.nn.Module, train: TrainConfig, ds_config: dict[str, 
         optimizer = DeepSpeedCPUAdam(groups, lr=train.lr, betas=betas, adamw_mode=True)
     else:
         optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
+    optimizer.register_step_pre_hook(_clip_by_value)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [lr_factor(train, steps_per_epoch, g["lr"], plateau_scale) for g in groups])
     release_free_memory()  # what loading freed, before DeepSpeed allocates its buffers
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from fusion_dist import dist
-from fusion_dist.config import TRAIN, Config, batch_geometry
+from fusion_dist.config import Config, batch_geometry
 from fusion_dist.data import RankSampler, ShardDataset, metric_set
 from fusion_dist.dist import log
 from fusion_dist.metrics import json_safe, mmsa_metrics
@@ -63,7 +63,7 @@ class StepMetrics:
         self._reset()
 
     def record(self, engine, state: TrainState, terms: dict[str, float]) -> None:
-        # the LM side's learning rate (train.lr; in stage 1 the head's, which trains at av_lr), by group name
+        # the LM side's learning rate (train.lr; in stage 1 the head's, pretrain.lr), by group name
         lr = next(g["lr"] for g in engine.optimizer.param_groups if g["name"].startswith("lm"))
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else None
@@ -136,21 +136,26 @@ class SeedRun:
         self.sampler = RankSampler(len(self.data["train"]), denv.rank, denv.world_size, shuffle=True,
                                    seed=self.seed, drop_last=True, chunk=self.geometry.micro)
         self.steps_per_epoch = self.geometry.steps_per_epoch(len(self.data["train"]))
-        # stage 1 trains the encoder and its small head together at the AV learning rate
-        train = t if self.stage == TRAIN else type(t)(**{**t.__dict__, "lr": t.av_lr})
-        self.engine = E.initialize(model, train, self.ds_config, t.epochs * self.steps_per_epoch,
-                                   round(t.warmup_epochs * self.steps_per_epoch))
+        self.state = TrainState(tracking={"parent": self.tracker.parent_run_id, "child": None})
+        self.engine = E.initialize(model, t, self.ds_config, self.steps_per_epoch,
+                                   plateau_scale=lambda: self.state.plateau.scale)
         self.metrics = StepMetrics(self.run_dir.history(self.seed), self.tracker, denv, t.log_every_steps,
                                    t.global_batch_size, self.steps_per_epoch)
         self.reported = False
-        log.info(f"seed {self.seed}: {self.stage} | {self.geometry} | {self.steps_per_epoch} steps/epoch x "
-                 f"{t.epochs} epochs | ZeRO-{t.zero_stage} {t.precision}")
+        schedule = (f"lr: {t.warmup_epochs:g} warmup epochs, then " +
+                    (f"x {t.plateau_factor:g} after {t.plateau_patience} epochs on a plateau" if t.schedule == "plateau"
+                     else f"cosine over {t.schedule_epochs or 'the other'} epochs" +
+                     (" with restarts" if t.lr_restarts and t.schedule_epochs else "")))
+        log.info(f"seed {self.seed}: {self.stage} | {self.geometry} | {self.steps_per_epoch} steps/epoch, "
+                 f"at most {t.epochs} epochs (early stopping after {t.patience} without improvement) | {schedule} | "
+                 f"ZeRO-{t.zero_stage} {t.precision}")
 
     def _resume(self) -> TrainState:
-        state = TrainState(tracking={"parent": self.tracker.parent_run_id, "child": None})
+        state = self.state
         tag = self.ckpt.latest()
         if tag:
-            state = self.ckpt.load(self.engine, tag, self.denv)
+            state = self.state = self.ckpt.load(self.engine, tag, self.denv)
+            E.refresh_lr(self.engine)
             log.info(f"seed {self.seed}: resumed from {tag} (epoch {state.epoch}, step {state.step_in_epoch} of "
                      f"{self.steps_per_epoch} in the epoch, global step {state.global_step})")
         state.tracking["child"] = self.tracker.start_child(self.seed, state.tracking["child"])
@@ -208,7 +213,10 @@ class SeedRun:
         valid = mmsa_metrics(preds, labels, metric_set(self.manifest))
         tag = f"step{state.global_step}"
         es.update(valid[KEY_METRIC], tag, t.patience)
-        log.info(f"seed {self.seed} epoch {state.epoch + 1}/{t.epochs}: valid " +
+        if t.schedule == "plateau":
+            state.plateau.update(valid[KEY_METRIC], t.plateau_patience, t.plateau_factor)
+            E.refresh_lr(self.engine)
+        log.info(f"seed {self.seed} epoch {state.epoch + 1} (at most {t.epochs}): valid " +
                  " ".join(f"{k} {v:.4f}" for k, v in valid.items()) +
                  f" | best {KEY_METRIC} {es.best:.4f} ({es.best_tag})" +
                  (f" | early stop after {es.bad_epochs} epochs without improvement" if es.stop else ""))

@@ -78,7 +78,7 @@ def base_args(engine_inputs, run_dir: Path, *extra: str) -> list[str]:
 
 # dropout 0, no BatchNorm, no token-averaged LM term: a sample's loss does not depend on the ranks or
 # micro-batches it shares
-EXACT = ["model.av.batchnorm=false", "model.loss.lambda_lm=0", "train.epochs=2", "train.global_batch_size=16",
+EXACT = ["model.av.batchnorm=[]", "model.loss.lambda_lm=0", "train.epochs=2", "train.global_batch_size=16",
          "train.micro_batch_size=4", "train.checkpoint_every_steps=3", "train.keep_last=10"]
 
 

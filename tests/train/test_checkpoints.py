@@ -10,12 +10,13 @@ import pytest
 from fusion_dist.config import load_config, to_yaml
 from fusion_dist.errors import UserError
 from fusion_dist.rundir import TRAINABLE, RunDir
-from fusion_dist.train.checkpoint import COMPLETE, Checkpoints, EarlyStopping, TrainState
+from fusion_dist.train.checkpoint import COMPLETE, Checkpoints, EarlyStopping, Plateau, TrainState
 
 
 def test_train_state_round_trips_through_json():
     state = TrainState(epoch=2, step_in_epoch=5, global_step=21, tracking={"parent": "p1", "child": "c1"},
-                       early_stopping=EarlyStopping(best=0.75, best_tag="step16", bad_epochs=1))
+                       early_stopping=EarlyStopping(best=0.75, best_tag="step16", bad_epochs=1),
+                       plateau=Plateau(best=0.75, bad_epochs=1, scale=0.1))
     again = TrainState()
     again.load_state_dict(json.loads(json.dumps(state.state_dict())))
     assert again == state
@@ -117,3 +118,13 @@ def test_the_resume_guard_names_what_a_resume_cannot_take(tmp_path):
     assert RunDir(tmp_path).check_resumable(load_config(None, [*base, "train.lr=5e-3"]), "train", training=False) == []
     with pytest.raises(UserError, match="holds a 'train' run, not 'pretrain-av'"):
         RunDir(tmp_path).check_resumable(applied, "pretrain-av")
+
+
+def test_plateau_scales_the_lr_after_more_than_patience_epochs_without_improvement():
+    p = Plateau()
+    scales = []
+    for mae in [0.9, 0.8, 0.8, 0.79995, 0.81, 0.7, 0.75, 0.75, 0.75]:  # 0.79995: within 1e-4 of 0.8, no improvement
+        p.update(mae, patience=2, factor=0.1)
+        scales.append(p.scale)
+    assert scales == pytest.approx([1, 1, 1, 1, 0.1, 0.1, 0.1, 0.1, 0.01])
+    assert (p.best, p.bad_epochs) == (0.7, 0)

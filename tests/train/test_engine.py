@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch
 from fusion_dist.config import TrainConfig
 from fusion_dist.errors import UserError
 from fusion_dist.config import batch_geometry
-from fusion_dist.train.engine import deepspeed_config, param_groups, warmup_cosine
+from fusion_dist.train.engine import _clip_by_value, deepspeed_config, lr_factor, param_groups
 
 
 def test_accumulation_from_global_batch():
@@ -69,8 +70,42 @@ def test_param_groups_lr_and_no_decay_rules():
     assert not frozen & set().union(*map(ids, groups))
 
 
-def test_warmup_then_cosine_to_zero():
-    f = warmup_cosine(4, 12)
+def test_warmup_then_cosine_to_zero_over_the_epochs_without_a_horizon():
+    f = lr_factor(TrainConfig(epochs=3, warmup_epochs=1), steps_per_epoch=4, peak=1e-3)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert f(8) == pytest.approx(0.5) and f(12) == pytest.approx(0.0)
-    assert all(f(s) >= f(s + 1) for s in range(4, 12))
+    assert f(8) == pytest.approx(0.5) and f(11) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert all(f(s) >= f(s + 1) for s in range(4, 11))
+
+
+def test_cosine_over_the_horizon_to_min_lr_then_restarts_or_holds():
+    t = TrainConfig(epochs=100, warmup_epochs=1, schedule_epochs=2, min_lr=1e-4)
+    f = lr_factor(t, steps_per_epoch=5, peak=1e-3)  # warmup steps 0-4, cosine over steps 5-14, restart at 15
+    assert f(4) == 1.0 and f(5) == 1.0
+    assert f(10) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(14) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 9 / 10)))
+    assert f(15) == 1.0 and f(20) == pytest.approx(f(10))
+    held = lr_factor(TrainConfig(epochs=100, warmup_epochs=1, schedule_epochs=2, min_lr=1e-4, lr_restarts=False),
+                     steps_per_epoch=5, peak=1e-3)
+    assert held(15) == pytest.approx(0.1) and held(400) == pytest.approx(0.1)
+    scale = [1.0]
+    plateau = lr_factor(TrainConfig(schedule="plateau", warmup_epochs=0), 5, 1e-3, plateau_scale=lambda: scale[0])
+    assert plateau(0) == plateau(99) == 1.0
+    scale[0] = 0.1
+    assert plateau(100) == 0.1
+
+
+def test_value_clipping_clamps_the_groups_it_names_before_the_update():
+    t = TrainConfig(lr=1.0, av_lr=1.0, weight_decay=0.0, grad_clip=0.5, grad_clip_mode="value", grad_clip_av=False)
+    m = Toy()
+    groups = param_groups(m, t)
+    assert {g["name"]: g["clip_value"] for g in groups} == {"av": 0.0, "av_no_decay": 0.0, "lm": 0.5,
+                                                            "lm_no_decay": 0.5}
+    assert all(g["clip_value"] == 0.0 for g in param_groups(m, TrainConfig(grad_clip=0.5)))  # norm mode: DeepSpeed's
+    opt = torch.optim.SGD(groups, lr=1.0)
+    opt.register_step_pre_hook(_clip_by_value)
+    for p in m.parameters():
+        p.grad = torch.full_like(p, 3.0) if p.requires_grad else None
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt.step()
+    step = {n: (before[n] - p.detach()).unique().tolist() for n, p in m.named_parameters() if p.requires_grad}
+    assert step["head.weight"] == step["fusion_tokens"] == [0.5] and step["av_encoder.0.weight"] == [3.0]

@@ -1,21 +1,17 @@
-"""Typed run configuration: dataclasses loaded from YAML with ``key=value`` overrides.
+"""The run configuration's schema: typed dataclasses, one per YAML section, each field documented where it is
+declared (this file is the reference for config keys), and the config each training stage runs with.
 
-Precedence is CLI > file > defaults. Loading is strict: an unknown key or a value of the wrong
-type is a ``ConfigError`` naming the key, the file and the valid keys. OmegaConf structured
-configs do the merging and type checking; this module only shapes the error messages.
-
-Every field is documented where it is declared, so this file is the reference for config keys.
+Loading, validation and the YAML / flat forms are in ``fusion_dist.config.load``.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf import MISSING
 
 from fusion_dist.errors import UserError
 
@@ -55,8 +51,17 @@ class AVEncoderConfig:
     """Width of the fused audio-visual token sequence Z."""
     dropout: float = 0.1
     """Dropout inside the encoders."""
-    batchnorm: bool = True
-    """BatchNorm over feature channels before the input projection."""
+    batchnorm: list[str] = field(default_factory=lambda: ["audio", "vision"])
+    """Modalities whose frames get BatchNorm over channels before the input projection (``[]``: none; reference:
+    SIMS both, MOSI/MOSEI none in stage 2)."""
+    softperm: float = 0.0
+    """SoftPerm on the raw frames at train time: per (sample, channel) probability of taking a permuted real
+    frame's value (reference: 0.2-0.3)."""
+    frame_mask: float = 0.0
+    """Train time: probability of zeroing each real frame (DMPF's unimodal encoders: 0.1-0.2)."""
+    modality_mask: float = 0.0
+    """Train time, encoders of several modalities: probability of zeroing a sample's frames of one modality
+    (DMPF's AV encoder: 0.1)."""
     init: str = "pretrained+tune"
     """Fusion curriculum: ``pretrained+tune``, ``pretrained+frozen`` or ``random+tune``."""
     checkpoint: Optional[str] = None
@@ -143,6 +148,10 @@ class ModelConfig:
     """Hidden width of the task-head MLP."""
     dropout: float = 0.1
     """Dropout in MM blocks and heads."""
+    lm_dropout: bool = False
+    """Run the frozen LM's own dropout at train time (its weights stay frozen). The reference runs GPT-2 this way
+    (0.1 on residuals, attention and embeddings); ``false`` runs it as at inference. Llama-family backbones such
+    as SmolLM2 have no dropout, so it changes nothing there."""
     av: AVEncoderConfig = field(default_factory=AVEncoderConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -152,7 +161,8 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    """Maximum epochs (early stopping may end sooner)."""
+    """Safety cap on epochs: early stopping (``patience``) is the normal end of a run. Without ``schedule_epochs``
+    it is also the cosine horizon."""
     global_batch_size: int = 32
     """Samples per optimizer step = micro-batch x gradient accumulation x world size (must be a multiple of the
     world size)."""
@@ -169,10 +179,32 @@ class TrainConfig:
     """AdamW weight decay; never applied to biases, norms, gates or fusion tokens."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     """AdamW betas."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after the warmup: ``cosine`` (over ``schedule_epochs``) or ``plateau``
+    (ReduceLROnPlateau on the validation MAE: x ``plateau_factor`` after ``plateau_patience`` epochs without
+    improvement)."""
     warmup_epochs: float = 1.0
-    """Linear warmup length in epochs, then cosine decay to zero."""
+    """Linear warmup from 0 to the peak learning rate, in epochs."""
+    schedule_epochs: Optional[float] = None
+    """Cosine period in epochs after the warmup: the lr falls from the peak to ``min_lr`` over it (reference: MOSI
+    150, MOSEI 15-20, SIMS 100). Unset: the rest of ``epochs``."""
+    lr_restarts: bool = True
+    """After each cosine period restart at the peak (the reference's warm restarts); ``false`` holds ``min_lr``."""
+    min_lr: float = 0.0
+    """Lowest learning rate of the cosine (reference: 1e-7)."""
+    plateau_factor: float = 0.1
+    """``schedule=plateau``: the factor the learning rate is multiplied by on a plateau."""
+    plateau_patience: int = 10
+    """``schedule=plateau``: epochs without validation improvement before the learning rate drops."""
     grad_clip: float = 1.0
-    """Clip gradients to this global norm (0 disables)."""
+    """Gradient clipping threshold (0 disables): the global norm (``grad_clip_mode=norm``) or each gradient
+    element's magnitude (``value``)."""
+    grad_clip_mode: str = "norm"
+    """``norm``: DeepSpeed scales all gradients to a global norm of at most ``grad_clip``; ``value``: each
+    element is clamped to [-grad_clip, grad_clip] (reference: 5.0 on the LM side)."""
+    grad_clip_av: bool = True
+    """Clip the AV encoders' gradients too; ``false`` (reference) clips the LM-side groups only (needs
+    ``grad_clip_mode=value``: a global norm is over every parameter)."""
     patience: int = 10
     """Early stopping: epochs without validation improvement before stopping."""
     precision: str = "fp32"
@@ -196,6 +228,48 @@ class TrainConfig:
     """Rank 0 prints one progress line every N optimizer steps."""
     dist_timeout_s: float = 600.0
     """Collective-operation timeout: if a rank dies, the others fail within this bound instead of hanging."""
+
+
+@dataclass
+class PretrainConfig:
+    """Stage 1 (``fusion-dist pretrain-av``) trains the AV encoder with its own recipe (the reference's defaults).
+
+    For stage 1 these keys replace the ``train`` keys of the same name (``lr`` is also the AV learning rate, and
+    every group is clipped); ``train``'s other keys (precision, ZeRO, checkpoints, logging) apply to both stages."""
+
+    epochs: int = 200
+    """Safety cap on epochs; early stopping ends stage 1."""
+    global_batch_size: int = 128
+    """Samples per optimizer step (reference: 32 x 4)."""
+    micro_batch_size: int = 32
+    """Cap on the samples per rank per forward pass."""
+    lr: float = 1e-3
+    """Learning rate of the encoder and its head (reference: MOSI 1e-3, MOSEI 5e-3, SIMS 5e-4)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    schedule: str = "plateau"
+    """``plateau`` (reference: ReduceLROnPlateau on the validation loss) or ``cosine``."""
+    warmup_epochs: float = 0.0
+    """Linear warmup in epochs."""
+    schedule_epochs: Optional[float] = None
+    """``schedule=cosine``: its period in epochs (unset: the rest of ``epochs``)."""
+    plateau_factor: float = 0.1
+    """``schedule=plateau``: lr factor on a plateau."""
+    plateau_patience: int = 10
+    """``schedule=plateau``: epochs without improvement before the lr drops (reference: MOSEI 4, else 10)."""
+    patience: int = 8
+    """Early stopping: epochs without validation improvement."""
+    grad_clip: float = 1.0
+    """Clipping threshold (0 disables), on every parameter."""
+    grad_clip_mode: str = "value"
+    """``value`` (reference) or ``norm``."""
+    batchnorm: list[str] = field(default_factory=lambda: ["audio", "vision"])
+    """``model.av.batchnorm`` in stage 1 (reference: MOSI audio, MOSEI none, SIMS both); stage 2 loads the
+    encoder with its own choice (BatchNorm weights it lacks start fresh, ones it does not use are dropped)."""
+    softperm: float = 0.2
+    """``model.av.softperm`` in stage 1."""
+    maxlen: Optional[int] = None
+    """``model.av.maxlen`` in stage 1 (unset: the same; reference SIMS: 39, stage 2 55)."""
 
 
 @dataclass(frozen=True)
@@ -271,120 +345,40 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def _section_keys(full_key: str) -> list[str]:
-    """Valid keys in the section the bad key points into (all keys when the section is unknown)."""
-    all_keys = list(to_flat_dict(Config()))
-    section = full_key.rsplit(".", 1)[0] + "." if "." in full_key else ""
-    in_section = [k for k in all_keys if k.startswith(section)] if section else []
-    return in_section or all_keys
+SCHEDULES = ("cosine", "plateau")
+CLIP_MODES = ("norm", "value")
 
 
-def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
-    key = getattr(exc, "full_key", None) or "?"
-    msg = (getattr(exc, "msg", None) or str(exc)).strip().splitlines()[0]
-    if isinstance(exc, ConfigKeyError):
-        return ConfigError(
-            f"{source}: unknown config key '{key}'; valid keys: {', '.join(_section_keys(key))}"
-        )
-    return ConfigError(f"{source}: bad value for config key '{key}': {msg}")
-
-
-def _check_shape(file_cfg: Any, path: Path) -> None:
-    """A file whose top level is not a mapping of sections, or a section given as a plain value."""
-    sections = [f.name for f in dataclasses.fields(Config)]
-    if not OmegaConf.is_dict(file_cfg):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(sections)}), "
-                          f"not a {type(OmegaConf.to_container(file_cfg)).__name__}")
-    for name in sections:
-        if name in file_cfg and not OmegaConf.is_dict(file_cfg._get_node(name)):
-            raise ConfigError(f"{path}: section '{name}' must be a mapping of keys, got {file_cfg[name]!r}")
-
-
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- ``key=value`` overrides, validated against ``Config``."""
-    merged = OmegaConf.structured(Config)
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            file_cfg = OmegaConf.load(path)
-        except Exception as exc:  # yaml errors carry line/column; keep them
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        _check_shape(file_cfg, path)
-        try:
-            merged = OmegaConf.merge(merged, file_cfg)
-        except OmegaConfBaseException as exc:
-            raise _explain(exc, str(path)) from exc
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"command line: override '{item}' is not of the form key=value")
-    try:
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as exc:
-        raise _explain(exc, "command line") from exc
-    missing = sorted(OmegaConf.missing_keys(merged))
-    if missing:
-        raise ConfigError(f"{path or 'command line'}: required config key(s) not set: {', '.join(missing)}")
-    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    check_values(cfg, " + ".join(filter(None, [str(path or ""), "command line" if overrides else ""])) or "defaults")
-    return cfg
-
-
-# (key, test, what the value must be): ranges no command can run with, checked as the config loads
-_RANGES: list[tuple[str, Any, str]] = [
-    ("data.max_text_tokens", lambda v: v >= 1, ">= 1"),
-    ("train.epochs", lambda v: v >= 1, ">= 1"),
-    ("train.eval_batch_size", lambda v: v >= 1, ">= 1"),
-    ("train.lr", lambda v: v > 0, "> 0"),
-    ("train.av_lr", lambda v: v > 0, "> 0"),
-    ("train.weight_decay", lambda v: v >= 0, ">= 0"),
-    ("train.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
-    ("train.warmup_epochs", lambda v: v >= 0, ">= 0"),
-    ("train.grad_clip", lambda v: v >= 0, ">= 0 (0 disables clipping)"),
-    ("train.patience", lambda v: v >= 1, ">= 1"),
-    ("train.checkpoint_every_steps", lambda v: v >= 0, ">= 0 (0: only at epoch ends)"),
-    ("train.keep_last", lambda v: v >= 0, ">= 0"),
-    ("train.log_every_steps", lambda v: v >= 1, ">= 1"),
-    ("train.dist_timeout_s", lambda v: v > 0, "> 0"),
-    ("run.seeds", lambda v: len(v) >= 1 and len(set(v)) == len(v), "a non-empty list without repeats"),
-    ("model.mm_layers", lambda v: list(v) == sorted(set(v)), "in increasing order, each layer once"),
-]
-
-
-def check_values(cfg: Config, source: str) -> None:
-    """Values outside what any run can use: one ConfigError naming the key, its value and the rule."""
-    flat = to_flat_dict(cfg)
-    for key, ok, rule in _RANGES:
-        if not ok(flat[key]):
-            raise ConfigError(f"{source}: {key}={flat[key]!r}: must be {rule}")
-
-
-def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def to_flat_dict(cfg: Config) -> dict[str, Any]:
-    """``{"model.n_fusion": 8, ...}``: the form MLflow params and config diffs use."""
-    out: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        for f in dataclasses.fields(node):
-            value = getattr(node, f.name)
-            if dataclasses.is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
-            else:
-                out[prefix + f.name] = value
-
-    walk(cfg, "")
+def pretrain_replaces() -> dict[str, str]:
+    """``{replaced key: pretrain key}``: the ``train.*`` and ``model.av.*`` keys the ``pretrain`` section sets
+    in stage 1."""
+    train = {f.name for f in dataclasses.fields(TrainConfig)}
+    av = {f.name for f in dataclasses.fields(AVEncoderConfig)}
+    out = {}
+    for f in dataclasses.fields(PretrainConfig):
+        out[f"train.{f.name}" if f.name in train else f"model.av.{f.name}"] = f"pretrain.{f.name}"
+        assert f.name in train or f.name in av, f.name
+    out["train.av_lr"] = "pretrain.lr"
     return out
 
 
-def from_yaml(text: str) -> Config:
-    """Parse a resolved config written by ``to_yaml`` (run directories, exports)."""
-    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+def stage_config(cfg: Config, stage: str) -> Config:
+    """The config a stage trains with: stage 2 (``train``) as given; stage 1 (``pretrain-av``) with the
+    ``pretrain`` section in place of the keys it replaces (``pretrain_replaces``; an unset ``pretrain.maxlen``
+    keeps ``model.av.maxlen``) and every group clipped. Run directories and stage-1 exports record this
+    resolved config."""
+    if stage == TRAIN:
+        return cfg
+    out = copy.deepcopy(cfg)
+    for key, source in pretrain_replaces().items():
+        section, name = (out.train, key[6:]) if key.startswith("train.") else (out.model.av, key[9:])
+        value = getattr(cfg.pretrain, source[9:])
+        if value is not None:
+            setattr(section, name, copy.deepcopy(value))
+    out.train.grad_clip_av = True
+    return out
