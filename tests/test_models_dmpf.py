@@ -83,3 +83,66 @@ def test_dmpf_runs_forward_backward(backbones, arch, head):
 def test_bad_dmpf_config_names_the_key(backbones, over, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         build_model(tiny_cfg(backbones["gpt2"], "dmpf", **over), AUDIO_DIM, VISION_DIM)
+
+
+def test_each_encoder_has_its_own_sizes_and_the_unimodal_heads_can_read_the_encoders(backbones):
+    """``model.video_encoder`` sizes its own encoder (unset keys from ``model.av``), the MM blocks cross-attend to
+    each encoder's width, and ``unimodal_aux=encoders`` puts the audio / video heads on the encoder means."""
+    cfg = tiny_cfg(backbones["gpt2"], "dmpf", unimodal_aux="encoders", video_encoder__d_enc=12,
+                   video_encoder__n_heads=3, video_encoder__n_layers=2, video_encoder__d_av=6)
+    model = build_model(cfg, AUDIO_DIM, VISION_DIM).train()
+    video, audio = model.video_encoder, model.audio_encoder
+    assert (video.cfg.d_enc, video.cfg.n_heads, video.d_av, len(video.encoders["vision"].encoder.layers)) == (12, 3, 6, 2)
+    assert (audio.cfg.d_enc, audio.d_av) == (cfg.av.d_enc, cfg.av.d_av)
+    assert model.aux_heads.heads["v"].in_features == 6 and model.aux_heads.heads["a"].in_features == cfg.av.d_av
+    assert model.mm_blocks["1"].cross_attn["video"].attn.kv.in_features == 6
+    out = model(make_batch(model.tokenizer))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and video.encoders["vision"].proj.weight.grad is not None
+    tokens_only = build_model(tiny_cfg(backbones["gpt2"], "dmpf"), AUDIO_DIM, VISION_DIM)
+    assert tokens_only.aux_heads.heads["v"].in_features == tokens_only.adapter.hidden_size
+
+
+def test_unimodal_encoders_start_from_their_part_of_the_stage1_export(backbones, tmp_path):
+    from fusion_dist.config import Config, DataConfig
+    from fusion_dist.errors import UserError
+    from fusion_dist.models import build_av_pretrainer, save_av_encoder
+
+    stage1_cfg = Config(data=DataConfig(root="unused"), model=tiny_cfg("unused"))
+    stage1 = build_av_pretrainer(stage1_cfg.model.av, AUDIO_DIM, VISION_DIM, head_hidden=16).av_encoder
+    export = str(save_av_encoder(stage1.state_dict(), stage1.dims, tmp_path / "stage1", stage1_cfg))
+    common = dict(av__init="pretrained+tune", av__checkpoint=export, audio_encoder__init="stage1",
+                  video_encoder__init="stage1")
+    model = build_model(tiny_cfg(backbones["gpt2"], "dmpf", **common), AUDIO_DIM, VISION_DIM)
+    d = stage1.cfg.d_enc
+    for encoder, modality, cols in ((model.audio_encoder, "audio", slice(0, d)),
+                                    (model.video_encoder, "vision", slice(d, 2 * d))):
+        for k, v in stage1.encoders[modality].state_dict().items():
+            assert torch.equal(encoder.encoders[modality].state_dict()[k], v), (modality, k)
+        assert torch.equal(encoder.fuse.weight, stage1.fuse.weight[:, cols])
+        assert torch.equal(encoder.norm.weight, stage1.norm.weight)
+    random = build_model(tiny_cfg(backbones["gpt2"], "dmpf", av__init="pretrained+tune", av__checkpoint=export),
+                         AUDIO_DIM, VISION_DIM)
+    assert not torch.equal(random.audio_encoder.fuse.weight, stage1.fuse.weight[:, :d])
+    with pytest.raises(UserError, match=r"model\.video_encoder\.d_enc 8 there, 12 here"):
+        build_model(tiny_cfg(backbones["gpt2"], "dmpf", **common, video_encoder__d_enc=12, video_encoder__n_heads=3),
+                    AUDIO_DIM, VISION_DIM)
+    with pytest.raises(ConfigError, match=r"model\.audio_encoder\.init=stage1"):
+        build_model(tiny_cfg(backbones["gpt2"], "dmpf", audio_encoder__init="stage1"), AUDIO_DIM, VISION_DIM)
+
+
+@pytest.mark.parametrize("family", ["deepmlf", "dmpf"])
+def test_unimodal_labels_are_the_targets_of_the_unimodal_heads(backbones, family):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(backbones["gpt2"], family, loss__unimodal_labels=True), AUDIO_DIM, VISION_DIM).eval()
+    batch = make_batch(model.tokenizer)
+    batch.update({k: batch["label"] for k in ("label_T", "label_A", "label_V")})
+    plain = model(batch).losses
+    far = {**batch, "label_T": batch["label"] + 100, "label_A": batch["label"] - 100, "label_V": batch["label"] + 50}
+    moved = model(far).losses
+    heads = {"t": 100, "a": 100, "v": 50} if family == "dmpf" else {"t": 100}
+    for k, v in moved.items():
+        if k in heads:
+            assert v > heads[k] - 10 > plain[k], k
+        else:
+            assert torch.equal(v, plain[k]), k

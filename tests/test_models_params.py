@@ -14,6 +14,8 @@ from model_helpers import backbones, single_thread  # noqa: F401
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
 # The hub is unreachable in tests: each hub name a config uses maps to the make-backbone preset of its architecture.
 HUB_PRESETS = {
+    "gpt2": ("gpt2", "gpt2-base", {}),
+    "gpt2-medium": ("gpt2", "gpt2-medium", {}),
     "gpt2-large": ("gpt2", "gpt2-large", {}),
     "HuggingFaceTB/SmolLM2-1.7B": ("llama", "smollm2-1.7b", {}),
     "uer/gpt2-chinese-cluecorpussmall": ("gpt2", "gpt2-base", {"vocab_size": 21128}),
@@ -72,6 +74,10 @@ def test_every_shipped_config_builds_on_meta(path, config_only, backbones):
     assert counts["trainable"] > 0 and counts["frozen"] > counts["mm_blocks"] > 0
     if cfg.model.lora.enabled:  # the FFW copies are frozen under LoRA: only adapters count as trainable
         assert counts["mm_blocks"] < counts["frozen"] / 2
+    table = {(preset, tuple(layers)): mm for preset, layers, mm in PAPER_TABLES}
+    key = (HUB_PRESETS.get(name, (None, None))[1], tuple(cfg.model.mm_layers))
+    if cfg.model.family == "deepmlf" and key in table:  # a paper config of Tables 6-7: its MM-block count
+        assert abs(counts["mm_blocks"] / 1e6 - table[key]) / table[key] < 0.01, (path, counts["mm_blocks"])
 
 
 def test_params_command_prints_json_and_table(config_only, capsys):

@@ -47,9 +47,10 @@ STAGE2 = {
         "model.loss.lambda_lm": 1.0, "model.loss.lambda_f": 1.0, "model.loss.lambda_av": 1.0, "model.loss.lambda_t": 1.0,
         "train.weight_decay": 0.1, "train.schedule_epochs": 100, "train.patience": 10,
         "model.av.batchnorm": ["audio", "vision"], "model.av.softperm": 0.2, "model.av.maxlen": 55,
+        "model.loss.unimodal_labels": True,
     },
 }
-STAGE1_COMMON = {"train.micro_batch_size": 32, "train.global_batch_size": 128, "train.schedule": "plateau",
+STAGE1_COMMON = {"model.av.modality_mask": 0.0, "train.micro_batch_size": 32, "train.global_batch_size": 128, "train.schedule": "plateau",
                  "train.plateau_factor": 0.1, "train.patience": 8, "train.grad_clip": 1.0, "train.grad_clip_mode": "value",
                  "train.grad_clip_av": True, "model.av.softperm": 0.2, "train.weight_decay": 0.01}
 STAGE1 = {
@@ -62,10 +63,17 @@ STAGE1 = {
 }
 DMPF = {  # the DMPF release: as DeepMLF on the dataset except
     "dmpf_mosei": {**STAGE2["deepmlf_mosei"], "model.n_audio": 10, "model.n_video": 10, "model.n_av": 12,
-                   "model.loss.lambda_a": 1.0, "model.loss.lambda_v": 1.0, "model.av.modality_mask": 0.1},
+                   "model.loss.lambda_a": 1.0, "model.loss.lambda_v": 1.0, "model.av.modality_mask": 0.1,
+                   "model.av.d_enc": 30, "model.av.n_heads": 6, "model.av.n_layers": 3,
+                   "model.audio_encoder.d_enc": 30, "model.audio_encoder.n_heads": 6, "model.audio_encoder.n_layers": 3,
+                   "model.video_encoder.d_enc": 40, "model.video_encoder.n_heads": 8, "model.video_encoder.n_layers": 6,
+                   "model.audio_encoder.init": "stage1", "model.unimodal_aux": "encoders"},
     "dmpf_sims": {**STAGE2["deepmlf_sims"], "model.n_audio": 10, "model.n_video": 8, "model.n_av": 16,
                   "model.loss.lambda_a": 0.5, "model.loss.lambda_v": 0.5, "train.lr": 2e-4, "train.av_lr": 1e-4,
-                  "model.av.modality_mask": 0.1},
+                  "model.av.modality_mask": 0.1, "model.av.d_enc": 30, "model.av.n_heads": 6, "model.av.n_layers": 3,
+                  "model.audio_encoder.d_enc": 32, "model.audio_encoder.n_heads": 8, "model.audio_encoder.n_layers": 8,
+                  "model.video_encoder.d_enc": 16, "model.video_encoder.n_heads": 8, "model.video_encoder.n_layers": 3,
+                  "model.unimodal_aux": "encoders"},
 }
 for d in DMPF.values():
     d.pop("model.n_fusion")

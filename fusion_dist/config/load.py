@@ -15,7 +15,9 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from fusion_dist.config.schema import CLIP_MODES, SCHEDULES, Config, ConfigError, PretrainConfig
+from fusion_dist.config.schema import (
+    CLIP_MODES, SCHEDULES, UNIMODAL_AUX, UNIMODAL_INITS, Config, ConfigError, PretrainConfig,
+)
 
 
 def _section_keys(full_key: str) -> list[str]:
@@ -107,7 +109,13 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("model.av.batchnorm", lambda v: set(v) <= {"audio", "vision"}, "a list of audio, vision"),
     ("pretrain.batchnorm", lambda v: set(v) <= {"audio", "vision"}, "a list of audio, vision"),
     ("pretrain.softperm", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("pretrain.modality_mask", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("pretrain.maxlen", lambda v: v is None or v >= 1, ">= 1 (or unset: model.av.maxlen)"),
+    ("model.audio_encoder.frame_mask", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("model.video_encoder.frame_mask", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("model.audio_encoder.init", lambda v: v in UNIMODAL_INITS, f"one of {', '.join(UNIMODAL_INITS)}"),
+    ("model.video_encoder.init", lambda v: v in UNIMODAL_INITS, f"one of {', '.join(UNIMODAL_INITS)}"),
+    ("model.unimodal_aux", lambda v: v in UNIMODAL_AUX, f"one of {', '.join(UNIMODAL_AUX)}"),
     ("model.mm_layers", lambda v: list(v) == sorted(set(v)), "in increasing order, each layer once"),
 ]
 

@@ -69,6 +69,25 @@ class AVEncoderConfig:
 
 
 @dataclass
+class UnimodalEncoderConfig:
+    """DMPF's audio-only or video-only encoder (``model.audio_encoder`` / ``model.video_encoder``): each unset size
+    takes ``model.av``'s value, as do the keys not listed here (maxlen, BatchNorm, SoftPerm)."""
+    d_enc: Optional[int] = None
+    """Encoder width (reference MOSEI: audio 30, video 40)."""
+    n_layers: Optional[int] = None
+    """Encoder layers (reference MOSEI: audio 3, video 6)."""
+    n_heads: Optional[int] = None
+    """Attention heads (reference MOSEI: audio 6, video 8)."""
+    d_av: Optional[int] = None
+    """Width of the encoder's output sequence (what its fusion tokens cross-attend to)."""
+    frame_mask: float = 0.0
+    """Train time: probability of zeroing each real frame (reference: 0.1-0.2)."""
+    init: str = "random"
+    """``random``, or ``stage1``: this modality's part of the stage-1 export ``model.av.checkpoint`` (its encoder
+    and its share of the fusion projection; needs the same sizes)."""
+
+
+@dataclass
 class LoRAConfig:
     enabled: bool = False
     """Freeze the MM-block FFW copies and train peft LoRA adapters on them instead."""
@@ -110,6 +129,9 @@ class LossConfig:
     """DMPF: weight of the audio-token auxiliary loss."""
     lambda_v: float = 0.5
     """DMPF: weight of the video-token auxiliary loss."""
+    unimodal_labels: bool = False
+    """Regress the text (and DMPF's audio / video) auxiliary heads to the data's unimodal labels ``label_T``
+    (``label_A`` / ``label_V``: CH-SIMS has them) instead of the multimodal label; the data must have them."""
 
 
 @dataclass
@@ -134,6 +156,9 @@ class ModelConfig:
     """DMPF group attention mask: ``avseesall``, ``original`` or ``allcausal``."""
     task_head: str = "selfattn"
     """DMPF task head: ``selfattn`` over the 7 stream vectors, or the ``concat`` MLP baseline."""
+    unimodal_aux: str = "tokens"
+    """DMPF: what the audio / video auxiliary heads read: ``tokens`` (the mean audio / video fusion token) or
+    ``encoders`` (the mean output of the audio-only / video-only encoder, as the reference)."""
     gating: str = "sigmoid"
     """MM-block gates: ``sigmoid`` (paper), ``tanh`` (Flamingo, closed at init) or ``none``."""
     gate_init: float = 0.0
@@ -153,6 +178,8 @@ class ModelConfig:
     (0.1 on residuals, attention and embeddings); ``false`` runs it as at inference. Llama-family backbones such
     as SmolLM2 have no dropout, so it changes nothing there."""
     av: AVEncoderConfig = field(default_factory=AVEncoderConfig)
+    audio_encoder: UnimodalEncoderConfig = field(default_factory=UnimodalEncoderConfig)
+    video_encoder: UnimodalEncoderConfig = field(default_factory=UnimodalEncoderConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -270,48 +297,8 @@ class PretrainConfig:
     """``model.av.softperm`` in stage 1."""
     maxlen: Optional[int] = None
     """``model.av.maxlen`` in stage 1 (unset: the same; reference SIMS: 39, stage 2 55)."""
-
-
-@dataclass(frozen=True)
-class BatchGeometry:
-    """How one optimizer step of ``global_batch`` samples is cut: ``world`` ranks x ``accumulation``
-    micro-batches of ``micro`` samples each."""
-
-    global_batch: int
-    world: int
-    micro: int
-    accumulation: int
-
-    def steps_per_epoch(self, n_train: int) -> int:
-        """Whole optimizer steps in an epoch of ``n_train`` samples (``RankSampler`` drops the incomplete
-        last round of micro-batches)."""
-        return n_train // (self.micro * self.world) // self.accumulation
-
-    def __str__(self) -> str:
-        return (f"global batch {self.global_batch} = micro {self.micro} x accumulation {self.accumulation} "
-                f"x world {self.world}")
-
-
-def batch_geometry(train: TrainConfig, world_size: int) -> BatchGeometry:
-    """The per-rank micro-batch and the accumulation for this world size (or a ConfigError naming both numbers).
-
-    ``train.micro_batch_size`` is a cap ("at most this many per forward"): the micro-batch is the largest
-    divisor of the per-rank share of the global batch that fits under it, so the accumulation is the least
-    that respects the cap. Whenever two world sizes give the same micro-batch they run the very same
-    micro-batches (``RankSampler`` deals them by position), and on any world size step ``s`` consumes the
-    same ``global_batch`` samples.
-    """
-    g, cap = train.global_batch_size, train.micro_batch_size
-    if g < 1 or cap < 1:
-        raise ConfigError(f"train.global_batch_size={g} and train.micro_batch_size={cap} must both be >= 1")
-    if world_size < 1 or g % world_size:
-        raise ConfigError(
-            f"train.global_batch_size={g} is not divisible by the world size {world_size} (ranks = nodes x ranks "
-            f"per node); choose a global batch that is a multiple of {world_size}, or another number of ranks"
-        )
-    per_rank = g // world_size
-    micro = max(d for d in range(1, min(cap, per_rank) + 1) if per_rank % d == 0)
-    return BatchGeometry(g, world_size, micro, per_rank // micro)
+    modality_mask: float = 0.0
+    """``model.av.modality_mask`` in stage 1 (the reference masks modalities in DMPF's stage 2 only)."""
 
 
 @dataclass
@@ -352,6 +339,8 @@ class Config:
 
 SCHEDULES = ("cosine", "plateau")
 CLIP_MODES = ("norm", "value")
+UNIMODAL_INITS = ("random", "stage1")
+UNIMODAL_AUX = ("tokens", "encoders")
 
 
 def pretrain_replaces() -> dict[str, str]:

@@ -156,9 +156,10 @@ def save_av_encoder(state: dict[str, torch.Tensor], dims: dict[str, int], direct
 SHAPE_KEYS = ("d_enc", "n_layers", "n_heads", "d_av")  # model.av keys that shape the weights (BatchNorm: load_into)
 
 
-def load_av_encoder(directory: str | Path, expected: AVEncoderConfig | None = None) -> AVEncoder:
+def load_av_encoder(directory: str | Path, expected: AVEncoderConfig | None = None, key: str = "model.av") -> AVEncoder:
     """Rebuild the encoder a stage-1 export holds (its own ``model.av`` config and feature dims); with
-    ``expected`` (stage 2's ``model.av``), refuse an export whose weights have another shape, naming the keys."""
+    ``expected`` (the stage-2 encoder's config, ``key`` naming it), refuse an export whose weights have another
+    shape, naming the keys."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -171,7 +172,7 @@ def load_av_encoder(directory: str | Path, expected: AVEncoderConfig | None = No
         metadata = fh.metadata() or {}
     dims = {m: int(metadata[f"{m}_dim"]) for m in MODALITIES if f"{m}_dim" in metadata}
     saved = from_yaml(config.read_text()).model.av
-    diffs = [f"model.av.{k} {getattr(saved, k)!r} there, {getattr(expected, k)!r} here" for k in SHAPE_KEYS
+    diffs = [f"{key}.{k} {getattr(saved, k)!r} there, {getattr(expected, k)!r} here" for k in SHAPE_KEYS
              if expected is not None and getattr(saved, k) != getattr(expected, k)]
     if diffs:
         raise UserError(f"model.av.checkpoint: {directory} was trained with other encoder values ({'; '.join(diffs)}); "
@@ -181,11 +182,22 @@ def load_av_encoder(directory: str | Path, expected: AVEncoderConfig | None = No
     return encoder
 
 
-def load_into(target: AVEncoder, source: AVEncoder) -> list[str]:
-    """``source``'s weights into ``target`` (same shape keys): the per-modality input BatchNorms follow the target's
-    own ``batchnorm`` (one the source lacks starts fresh, one it has and the target does not is dropped).
+def load_into(target: AVEncoder, state: dict[str, torch.Tensor]) -> list[str]:
+    """An encoder state of the same shape keys into ``target``: the per-modality input BatchNorms follow the
+    target's own ``batchnorm`` (one the state lacks starts fresh, one the target does not use is dropped).
     Returns the modalities whose BatchNorm starts fresh."""
-    state = {k: v for k, v in source.state_dict().items() if not (".norm_in." in k and k not in target.state_dict())}
+    own = target.state_dict()
+    state = {k: v for k, v in state.items() if not (".norm_in." in k and k not in own)}
     missing, unexpected = target.load_state_dict(state, strict=False)
     assert not unexpected and all(".norm_in." in k for k in missing), (missing, unexpected)
     return sorted({k.split(".")[1] for k in missing})
+
+
+def modality_state(source: AVEncoder, modality: str) -> dict[str, torch.Tensor]:
+    """A one-modality encoder's state from its modality's part of a bimodal encoder: that modality's encoder, its
+    columns of the fusion projection (and the bias), the output norm."""
+    i, d = list(source.encoders).index(modality), source.cfg.d_enc
+    state = {f"encoders.{modality}.{k}": v for k, v in source.encoders[modality].state_dict().items()}
+    state.update({"fuse.weight": source.fuse.weight[:, i * d:(i + 1) * d], "fuse.bias": source.fuse.bias})
+    state.update({f"norm.{k}": v for k, v in source.norm.state_dict().items()})
+    return state

@@ -14,9 +14,9 @@ import logging
 import torch
 from torch import nn
 
-from fusion_dist.config import PRETRAIN_AV, AVEncoderConfig, Config, ConfigError, ModelConfig
+from fusion_dist.config import PRETRAIN_AV, Config, ConfigError, ModelConfig
 from fusion_dist.errors import UserError
-from fusion_dist.models.av_encoder import build_av_pretrainer, load_av_encoder, load_into
+from fusion_dist.models.av_encoder import build_av_pretrainer, load_av_encoder, load_into, modality_state
 from fusion_dist.models.backbone import (
     backbone_on_meta, choose_attn_implementation, load_backbone, load_backbone_config, load_tokenizer,
 )
@@ -59,6 +59,10 @@ def validate(cfg: ModelConfig, num_layers: int, hidden_size: int) -> None:
         raise ConfigError(f"model.cross_attn_heads: {cfg.cross_attn_heads} does not divide the LM width {hidden_size}")
     if cfg.av.init not in AV_INITS:
         raise ConfigError(f"model.av.init: unknown '{cfg.av.init}'; choose {', '.join(AV_INITS)}")
+    for which in ("audio_encoder", "video_encoder"):
+        if getattr(cfg, which).init == "stage1" and (cfg.family != "dmpf" or not cfg.av.init.startswith("pretrained")):
+            raise ConfigError(f"model.{which}.init=stage1: only DMPF has a {which.replace('_', '-')}, and it starts "
+                              "from the stage-1 export of a model.av.init=pretrained+* run")
     if cfg.av.init.startswith("pretrained") and not cfg.av.checkpoint:
         raise ConfigError(
             f"model.av.checkpoint: model.av.init={cfg.av.init} needs a stage-1 export directory "
@@ -88,7 +92,7 @@ def build_model(model_cfg: ModelConfig, audio_dim: int, vision_dim: int, *, meta
     # straight into the training dtype: no rank ever holds an fp32 copy of a bf16 backbone
     lm, tokenizer, kernel = load_backbone(model_cfg.backbone, kernel, dtype)
     model = FAMILIES[model_cfg.family](model_cfg, lm, tokenizer, kernel, audio_dim, vision_dim)
-    init_av_encoder(model, model_cfg.av, audio_dim, vision_dim)
+    init_av_encoder(model, model_cfg, audio_dim, vision_dim)
     cast_parameters(model, dtype)
     log.info("built %s on %s (%d layers, MM blocks after %s), attention kernel %s",
              model_cfg.family, model_cfg.backbone, num_layers, list(model_cfg.mm_layers), kernel)
@@ -115,6 +119,7 @@ def rebuild(cfg: Config, stage: str, dims: dict[str, int], weights: dict[str, to
     so the stage-1 checkpoint the run started from is not needed any more."""
     cfg = copy.deepcopy(cfg)
     cfg.model.av.init, cfg.model.av.checkpoint = "random+tune", None
+    cfg.model.audio_encoder.init = cfg.model.video_encoder.init = "random"
     model = build_for_stage(cfg, stage, dims)
     if hasattr(model, "load_trainable_state_dict"):
         model.load_trainable_state_dict(weights)
@@ -146,8 +151,10 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def init_av_encoder(model: nn.Module, av_cfg: AVEncoderConfig, audio_dim: int, vision_dim: int) -> None:
-    """Fusion curriculum: ``pretrained+tune`` / ``pretrained+frozen`` load the stage-1 encoder; ``random+tune`` keeps init."""
+def init_av_encoder(model: nn.Module, model_cfg: ModelConfig, audio_dim: int, vision_dim: int) -> None:
+    """Fusion curriculum: ``pretrained+tune`` / ``pretrained+frozen`` load the stage-1 encoder; ``random+tune`` keeps
+    init. DMPF's audio-only / video-only encoders with ``init: stage1`` take their modality's part of it."""
+    av_cfg = model_cfg.av
     if not av_cfg.init.startswith("pretrained"):
         return
     stage1 = load_av_encoder(av_cfg.checkpoint, av_cfg)
@@ -157,10 +164,15 @@ def init_av_encoder(model: nn.Module, av_cfg: AVEncoderConfig, audio_dim: int, v
             f"model.av.checkpoint: {av_cfg.checkpoint} was trained on feature dims {stage1.dims}, "
             f"but the data manifest has {want}"
         )
-    fresh = load_into(model.av_encoder, stage1)
+    fresh = load_into(model.av_encoder, stage1.state_dict())
     if fresh:
         log.info("model.av.batchnorm: %s has no input BatchNorm for %s; it starts fresh", av_cfg.checkpoint,
                  ", ".join(fresh))
+    for which, modality in (("audio_encoder", "audio"), ("video_encoder", "vision")):
+        if getattr(model_cfg, which).init == "stage1":
+            encoder = getattr(model, which)
+            load_av_encoder(av_cfg.checkpoint, encoder.cfg, key=f"model.{which}")  # same sizes, or refused
+            load_into(encoder, modality_state(stage1, modality))
     if av_cfg.init == "pretrained+frozen":
         for p in model.av_encoder.parameters():
             p.requires_grad_(False)

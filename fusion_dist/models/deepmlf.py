@@ -59,5 +59,5 @@ class DeepMLF(FusionLM):
         prediction = self.task_head(torch.cat(list(features.values()), -1)).squeeze(-1)
         aux = self.aux_heads(features, self.aux_heads.heads.keys())
         lm_term = self.lm_loss(h[:, :T], input_ids, text_valid) if self.cfg.loss.lambda_lm > 0 else None
-        loss, losses = self.total_loss(prediction, aux, self.aux_weights, batch["label"], lm_term)
+        loss, losses = self.total_loss(prediction, aux, self.aux_weights, batch, lm_term)
         return ModelOutput(prediction, loss, losses, hidden_states=h, text_mask=text_valid)

@@ -19,16 +19,20 @@ The group attention mask (rows = queries; every preset is causal inside a group 
 flash_attention_2 only knows causal + padding masks, so it cannot run these; build_model loads the
 backbone with sdpa instead and says so.
 
-The audio-only and video-only encoders always start from random weights; ``model.av.init`` applies to
-the bimodal AV encoder.
+Each encoder has its own sizes (``model.audio_encoder`` / ``model.video_encoder``, unset keys from ``model.av``).
+``model.av.init`` applies to the bimodal AV encoder; the audio-only and video-only encoders start random or, with
+``init: stage1``, from their modality's part of the same stage-1 export. The audio / video auxiliary heads read
+the fusion tokens or (``model.unimodal_aux=encoders``, the reference) the encoders' mean outputs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from fusion_dist.config import ModelConfig
+from fusion_dist.config import AVEncoderConfig, ModelConfig
 from fusion_dist.models.av_encoder import AVEncoder, masked_mean
 from fusion_dist.models.fusion_lm import FusionLM, last_real
 from fusion_dist.models.heads import AuxHeads, ConcatHead, ModelOutput, StreamAttentionHead
@@ -46,6 +50,13 @@ MASK_PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
 TASK_HEADS = ("selfattn", "concat")
 
 
+def unimodal_encoder_config(cfg: ModelConfig, which: str) -> AVEncoderConfig:
+    """``model.av`` with ``model.<which>``'s sizes and frame masking (``which``: audio_encoder / video_encoder)."""
+    own = getattr(cfg, which)
+    sizes = {k: getattr(own, k) for k in ("d_enc", "n_layers", "n_heads", "d_av") if getattr(own, k) is not None}
+    return dataclasses.replace(cfg.av, **sizes, frame_mask=own.frame_mask, modality_mask=0.0)
+
+
 def sees_matrix(preset: str) -> torch.Tensor:
     table = MASK_PRESETS[preset]
     return torch.tensor([[k in table[q] for k in GROUPS] for q in GROUPS], dtype=torch.bool)
@@ -54,18 +65,19 @@ def sees_matrix(preset: str) -> torch.Tensor:
 class DMPF(FusionLM):
     def __init__(self, cfg: ModelConfig, lm: nn.Module, tokenizer, attn_kernel: str, audio_dim: int, vision_dim: int):
         super().__init__(cfg, lm, tokenizer, attn_kernel)
-        d, d_av = self.adapter.hidden_size, cfg.av.d_av
+        d = self.adapter.hidden_size
         self.sizes = {"audio": cfg.n_audio, "video": cfg.n_video, "av": cfg.n_av}
         self.fusion_tokens_audio = nn.Parameter(torch.randn(cfg.n_audio, d) * 0.02)
         self.fusion_tokens_video = nn.Parameter(torch.randn(cfg.n_video, d) * 0.02)
         self.fusion_tokens_av = nn.Parameter(torch.randn(cfg.n_av, d) * 0.02)
-        self.audio_encoder = AVEncoder({"audio": audio_dim}, cfg.av)
-        self.video_encoder = AVEncoder({"vision": vision_dim}, cfg.av)
+        self.audio_encoder = AVEncoder({"audio": audio_dim}, unimodal_encoder_config(cfg, "audio_encoder"))
+        self.video_encoder = AVEncoder({"vision": vision_dim}, unimodal_encoder_config(cfg, "video_encoder"))
         self.av_encoder = AVEncoder({"audio": audio_dim, "vision": vision_dim}, cfg.av)
         self.register_buffer("sees", sees_matrix(cfg.mask_preset), persistent=False)
+        d_ctx = {"audio": self.audio_encoder.d_av, "video": self.video_encoder.d_av, "av": self.av_encoder.d_av}
         for i in cfg.mm_layers:
-            self.mm_blocks[str(i)] = MMBlock(self.adapter, i, {"audio": d_av, "video": d_av, "av": d_av}, cfg)
-        dims = [d, d, d, d, d_av, d_av, d_av]
+            self.mm_blocks[str(i)] = MMBlock(self.adapter, i, d_ctx, cfg)
+        dims = [d, d, d, d, d_ctx["audio"], d_ctx["video"], d_ctx["av"]]
         if cfg.task_head == "selfattn":
             self.task_head = StreamAttentionHead(dims, cfg.head_hidden, 4, cfg.dropout)
         else:
@@ -73,7 +85,9 @@ class DMPF(FusionLM):
         loss = cfg.loss
         self.aux_weights = {"a": loss.lambda_a, "v": loss.lambda_v, "f": loss.lambda_f, "t": loss.lambda_t,
                             "av": loss.lambda_av}
-        aux_dims = {"a": d, "v": d, "f": d, "t": d, "av": d_av}
+        on_encoders = cfg.unimodal_aux == "encoders"
+        aux_dims = {"a": d_ctx["audio"] if on_encoders else d, "v": d_ctx["video"] if on_encoders else d, "f": d,
+                    "t": d, "av": d_ctx["av"]}
         self.aux_heads = AuxHeads({k: aux_dims[k] for k, w in self.aux_weights.items() if w > 0})
 
     def forward(self, batch: dict) -> ModelOutput:
@@ -96,8 +110,9 @@ class DMPF(FusionLM):
         text = last_real(h[:, :T], text_valid)
         streams = [tokens["audio"], tokens["video"], tokens["av"], text, enc["audio"], enc["video"], enc["av"]]
         prediction = self.task_head(streams)
-        features = {"a": tokens["audio"], "v": tokens["video"], "f": tokens["av"], "t": text, "av": enc["av"]}
+        unimodal = enc if self.cfg.unimodal_aux == "encoders" else tokens
+        features = {"a": unimodal["audio"], "v": unimodal["video"], "f": tokens["av"], "t": text, "av": enc["av"]}
         aux = self.aux_heads(features, self.aux_heads.heads.keys())
         lm_term = self.lm_loss(h[:, :T], input_ids, text_valid) if self.cfg.loss.lambda_lm > 0 else None
-        loss, losses = self.total_loss(prediction, aux, self.aux_weights, batch["label"], lm_term)
+        loss, losses = self.total_loss(prediction, aux, self.aux_weights, batch, lm_term)
         return ModelOutput(prediction, loss, losses, hidden_states=h, text_mask=text_valid)

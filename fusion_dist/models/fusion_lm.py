@@ -26,6 +26,9 @@ from fusion_dist.models.augment import TextAugment
 from fusion_dist.models.backbone import LMAdapter
 
 
+UNIMODAL_TARGETS = {"t": "label_T", "a": "label_A", "v": "label_V"}  # aux head -> its unimodal label
+
+
 def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Move padding to the front, keeping the order of the real tokens."""
     valid = attention_mask.bool()
@@ -133,11 +136,15 @@ class FusionLM(nn.Module):
     # ----------------------------------------------------------------- losses
 
     def total_loss(self, prediction: torch.Tensor, aux: dict[str, torch.Tensor], weights: dict[str, float],
-                   label: torch.Tensor, lm_term: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-        """L = L1(task) + sum_k lambda_k L1(aux_k) + lambda_lm LM; terms with weight 0 were never computed."""
-        label = label.float()
+                   batch: dict, lm_term: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        """L = L1(task) + sum_k lambda_k L1(aux_k) + lambda_lm LM; terms with weight 0 were never computed. With
+        ``model.loss.unimodal_labels`` the text / audio / video heads regress to ``label_T`` / ``label_A`` /
+        ``label_V``, all others to ``label``."""
+        label = batch["label"].float()
+        targets = UNIMODAL_TARGETS if self.cfg.loss.unimodal_labels else {}
         terms = {"task": F.l1_loss(prediction.float(), label)}
-        terms.update({k: F.l1_loss(p.float(), label) for k, p in aux.items()})
+        terms.update({k: F.l1_loss(p.float(), batch[targets[k]].float() if k in targets else label)
+                      for k, p in aux.items()})
         loss = terms["task"] + sum(weights[k] * terms[k] for k in aux)
         if lm_term is not None:
             terms["lm"] = lm_term

@@ -59,10 +59,15 @@ def _check_model_inputs(cfg: Config) -> None:
     from fusion_dist.models.backbone import load_backbone_config
     from fusion_dist.models.build import validate
 
+    from fusion_dist.models.dmpf import unimodal_encoder_config
+
     config = load_backbone_config(cfg.model.backbone)
     validate(cfg.model, config.num_hidden_layers, config.hidden_size)
     if cfg.model.av.init.startswith("pretrained"):
         load_av_encoder(cfg.model.av.checkpoint, cfg.model.av)
+    for which in ("audio_encoder", "video_encoder"):
+        if getattr(cfg.model, which).init == "stage1":
+            load_av_encoder(cfg.model.av.checkpoint, unimodal_encoder_config(cfg.model, which), key=f"model.{which}")
 
 
 def setup(cfg: Config, stage: str, restart: bool = False):
@@ -75,6 +80,9 @@ def setup(cfg: Config, stage: str, restart: bool = False):
     if batch_geometry(cfg.train, denv.world_size).steps_per_epoch(n_train) == 0:
         raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size}: larger than the "
                           f"{n_train} training samples of {cfg.data.root}; lower it")
+    if cfg.model.loss.unimodal_labels and not manifest.get("unimodal_labels"):
+        raise ConfigError(f"model.loss.unimodal_labels=true: {cfg.data.root} has no unimodal labels (label_T, label_A, "
+                          "label_V; CH-SIMS has them)")
     E.return_freed_memory_promptly()
     if stage == TRAIN:
         _check_model_inputs(cfg)
