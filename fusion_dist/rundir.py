@@ -145,10 +145,19 @@ def best_seed(results: dict[int, dict]) -> int:
     return min(results, key=mae)
 
 
+_STD = "sample standard deviation over the seeds (ddof=1, as the paper's mean +- std over five seeds); 0 for one seed"
+REPORTING = {  # what metrics.json says about its own numbers, per metric set
+    "mosi": {"std": _STD, "Acc2/F1": "MMSA's two binary accuracies: Has0_* (negative vs non-negative) and Non0_* "
+             "(negative vs positive, zero labels left out). The DeepMLF paper reports one Acc2 / F1 per dataset "
+             "without saying which; compare a paper number with both."},
+    "sims": {"std": _STD, "Acc2/F1": "Mult_acc_2 / F1_score: negative vs non-negative (MMSA's SIMS metrics)."},
+}
+
+
 def summarize(results: dict[int, dict], metric_set: str) -> dict:
     """metrics.json: per seed, and mean/std over seeds (sample std, 0 for one seed) of every metric."""
     names = MOSI_NAMES if metric_set == "mosi" else SIMS_NAMES
-    out: dict[str, Any] = {"metric_set": metric_set, "key_metric": KEY_METRIC,
+    out: dict[str, Any] = {"metric_set": metric_set, "key_metric": KEY_METRIC, "notes": REPORTING[metric_set],
                            "seeds": {str(s): r for s, r in results.items()}, "mean": {}, "std": {}}
     for split in ("valid", "test"):
         out["mean"][split], out["std"][split] = {}, {}

@@ -141,3 +141,14 @@ def test_rounded_values_equal_mmsa_reference(seed):
     ps[5:10] = [0.0, 0.1, -0.1, 0.7, -0.7]
     ours = mmsa_metrics(ps, ts, "sims")
     assert {k: round(v, 4) for k, v in ours.items()} == mmsa_sims_reference(ps, ts)
+
+
+def test_metrics_json_says_how_its_std_and_accuracies_are_computed():
+    from fusion_dist.rundir import summarize
+
+    results = {s: {"valid": {"MAE": v}, "test": {"MAE": v, "Has0_acc_2": 0.8, "Non0_acc_2": 0.82}}
+               for s, v in ((0, 0.5), (1, 0.7), (2, 0.9))}
+    summary = summarize(results, "mosi")
+    assert summary["std"]["test"]["MAE"] == pytest.approx(0.2)  # ddof=1: sqrt(((-.2)^2 + 0 + .2^2) / 2)
+    assert "ddof=1" in summary["notes"]["std"] and "Has0_*" in summary["notes"]["Acc2/F1"]
+    assert "Non0_*" in summary["notes"]["Acc2/F1"] and "ddof=1" in summarize(results, "sims")["notes"]["std"]
