@@ -176,3 +176,39 @@ def test_loss_terms_switch_off_and_gates_and_state_roundtrip(backbones):
     batch = make_batch(model.tokenizer, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(other(batch).prediction, model(batch).prediction)
+
+
+def test_reference_switches_cross_attention_scale_fusion_positions_and_encoder_norm(backbones, monkeypatch):
+    """The reference's three small differences, each a switch: 1/sqrt(d) cross-attention logits over the LM width,
+    fusion-token positions fixed at L..L+n-1, no final LayerNorm in the modality encoders."""
+    import math
+
+    import torch.nn.functional as F
+
+    from fusion_dist.models.mm_block import CrossAttention
+
+    torch.manual_seed(0)
+    x, ctx, mask = torch.randn(2, 3, 16), torch.randn(2, 5, 6), torch.ones(2, 5, dtype=torch.bool)
+    for scale, divisor in (("head", math.sqrt(16 / 4)), ("model", math.sqrt(16))):
+        attn = CrossAttention(16, 6, 4, 0.0, scale)
+        q = attn.q(x).view(2, 3, 4, 4).transpose(1, 2)
+        k, v = (t.view(2, 5, 4, 4).transpose(1, 2) for t in attn.kv(ctx).chunk(2, -1))
+        want = F.softmax(q @ k.transpose(-1, -2) / divisor, -1) @ v
+        torch.testing.assert_close(attn(x, ctx, mask), attn.out(want.transpose(1, 2).reshape(2, 3, 16)))
+
+    seen = []
+    for start in (None, 20):
+        model = build_model(tiny_cfg(backbones["gpt2"], fusion_position_start=start), AUDIO_DIM, VISION_DIM).eval()
+        add_positions = model.adapter.add_positions
+        monkeypatch.setattr(model.adapter, "add_positions", lambda h, ids: seen.append(ids) or add_positions(h, ids))
+        batch = make_batch(model.tokenizer)
+        model(batch)
+        n_text = batch["attention_mask"].sum(1)
+        fusion = seen[-1][:, -model.cfg.n_fusion:]
+        first = n_text if start is None else torch.full_like(n_text, start)
+        assert torch.equal(fusion, first[:, None] + torch.arange(model.cfg.n_fusion)), (start, fusion)
+
+    with_norm = build_model(tiny_cfg(backbones["gpt2"]), AUDIO_DIM, VISION_DIM)
+    without = build_model(tiny_cfg(backbones["gpt2"], av__encoder_norm=False), AUDIO_DIM, VISION_DIM)
+    count = lambda m: sum(p.numel() for p in m.av_encoder.parameters())  # noqa: E731
+    assert count(with_norm) - count(without) == 2 * 2 * with_norm.cfg.av.d_enc  # a LayerNorm per modality

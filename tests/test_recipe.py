@@ -14,9 +14,11 @@ COMMON = {  # every DeepMLF paper setting, stage 2
     "train.grad_clip_mode": "value", "train.grad_clip_av": False, "model.dropout": 0.1, "model.cross_attn_heads": 16,
     "model.av.d_av": 30, "model.gating": "sigmoid", "model.gate_init": 0.0, "model.head_hidden": 64,
     "model.av.init": "pretrained+tune", "model.lm_dropout": True, "train.lr": 1e-4, "train.av_lr": 1e-4,
+    "model.cross_attn_scale": "model", "model.av.encoder_norm": False,
 }
 STAGE2 = {
     "deepmlf_mosi": {
+        "model.fusion_position_start": 50,
         "model.backbone": "HuggingFaceTB/SmolLM2-1.7B", "model.mm_layers": [11, 14, 17, 20, 23], "model.n_fusion": 8,
         "model.lora.enabled": True, "model.lora.r": 512, "model.lora.alpha": 8192, "model.lora.dropout": 0.05,
         "train.precision": "bf16", "data.max_text_tokens": 50, "model.augment.kind": "none",
@@ -25,6 +27,7 @@ STAGE2 = {
         "model.av.softperm": 0.3, "model.av.maxlen": 50,
     },
     "deepmlf_mosei_base": {
+        "model.fusion_position_start": 50,
         "model.backbone": "gpt2", "model.mm_layers": [3, 5, 7, 8, 9, 10, 11], "model.n_fusion": 12,
         "model.lora.enabled": False, "train.precision": "fp32", "data.max_text_tokens": 50,
         "model.augment.kind": "seqaug", "model.augment.p_perm": 0.2, "model.augment.p_apply": 0.30,
@@ -33,6 +36,7 @@ STAGE2 = {
         "model.av.softperm": 0.2, "model.av.maxlen": 50,
     },
     "deepmlf_mosei": {  # GPT2-large
+        "model.fusion_position_start": 50,
         "model.backbone": "gpt2-large", "model.mm_layers": [7, 14, 21, 28, 35], "model.n_fusion": 12,
         "model.lora.enabled": False, "train.precision": "fp32", "data.max_text_tokens": 50,
         "model.augment.kind": "seqaug", "model.augment.p_perm": 0.30, "model.augment.p_apply": 0.25,
@@ -41,6 +45,7 @@ STAGE2 = {
         "model.av.softperm": 0.2, "model.av.maxlen": 50,
     },
     "deepmlf_sims": {
+        "model.fusion_position_start": 39,
         "model.backbone": "uer/gpt2-chinese-cluecorpussmall", "model.mm_layers": [5, 6, 7, 8, 9, 10, 11],
         "model.n_fusion": 16, "model.lora.enabled": False, "train.precision": "fp32", "data.max_text_tokens": 39,
         "model.augment.kind": "seqaug", "model.augment.p_perm": 0.3, "model.augment.p_apply": 0.25,

@@ -116,6 +116,8 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("model.audio_encoder.init", lambda v: v in UNIMODAL_INITS, f"one of {', '.join(UNIMODAL_INITS)}"),
     ("model.video_encoder.init", lambda v: v in UNIMODAL_INITS, f"one of {', '.join(UNIMODAL_INITS)}"),
     ("model.unimodal_aux", lambda v: v in UNIMODAL_AUX, f"one of {', '.join(UNIMODAL_AUX)}"),
+    ("model.cross_attn_scale", lambda v: v in ("head", "model"), "head or model"),
+    ("model.fusion_position_start", lambda v: v is None or v >= 0, ">= 0 (or unset: after each sample's text)"),
     ("model.mm_layers", lambda v: list(v) == sorted(set(v)), "in increasing order, each layer once"),
 ]
 

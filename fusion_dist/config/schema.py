@@ -51,6 +51,9 @@ class AVEncoderConfig:
     """Width of the fused audio-visual token sequence Z."""
     dropout: float = 0.1
     """Dropout inside the encoders."""
+    encoder_norm: bool = True
+    """A final LayerNorm after each modality's Transformer encoder (pre-norm layers leave the output unnormalised;
+    the reference has none)."""
     batchnorm: list[str] = field(default_factory=lambda: ["audio", "vision"])
     """Modalities whose frames get BatchNorm over channels before the input projection (``[]``: none; reference:
     SIMS both, MOSI/MOSEI none in stage 2)."""
@@ -169,6 +172,12 @@ class ModelConfig:
     """Include the gated FFW copy in every MM block."""
     cross_attn_heads: int = 16
     """Heads of the MM-block cross-attention (must divide the LM width)."""
+    cross_attn_scale: str = "head"
+    """Cross-attention logit scale: ``head`` (1/sqrt(d_head), as standard attention) or ``model`` (1/sqrt(d) over
+    the LM width, the reference's: sqrt(heads) times softer logits)."""
+    fusion_position_start: Optional[int] = None
+    """Position ids of the fusion tokens: unset, right after each sample's last real text token; an int L, fixed
+    L..L+n-1 whatever the text length (the reference: the padded text length, ``data.max_text_tokens``)."""
     head_hidden: int = 64
     """Hidden width of the task-head MLP."""
     dropout: float = 0.1

@@ -67,7 +67,7 @@ class ModalityEncoder(nn.Module):
             cfg.d_enc, cfg.n_heads, 4 * cfg.d_enc, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
         )
         self.encoder = nn.TransformerEncoder(
-            layer, cfg.n_layers, norm=nn.LayerNorm(cfg.d_enc), enable_nested_tensor=False
+            layer, cfg.n_layers, norm=nn.LayerNorm(cfg.d_enc) if cfg.encoder_norm else None, enable_nested_tensor=False
         )
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +153,7 @@ def save_av_encoder(state: dict[str, torch.Tensor], dims: dict[str, int], direct
     return directory
 
 
-SHAPE_KEYS = ("d_enc", "n_layers", "n_heads", "d_av")  # model.av keys that shape the weights (BatchNorm: load_into)
+SHAPE_KEYS = ("d_enc", "n_layers", "n_heads", "d_av", "encoder_norm")  # model.av keys that shape the weights (BatchNorm: load_into)
 
 
 def load_av_encoder(directory: str | Path, expected: AVEncoderConfig | None = None, key: str = "model.av") -> AVEncoder:

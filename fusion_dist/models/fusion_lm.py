@@ -4,7 +4,8 @@ Sequence layout: [text | group 1 | group 2 | ...]. Text arrives padded anywhere 
 right); it is first *left-aligned* (a stable sort moving padding to the front), so every sample reads
 [padding | real text | fusion tokens] and the real text ends right before the fusion tokens.
 
-Positions: real text 0..n-1, the fusion tokens continue at n, n+1, ... per sample; padding gets 0.
+Positions: real text 0..n-1, the fusion tokens continue at n, n+1, ... per sample (or, with
+``model.fusion_position_start=L``, at L, L+1, ... for every sample); padding gets 0.
 
 Attention, built as a 4-D float additive mask (0 = allowed, finfo.min = blocked; a boolean 4-D mask is
 misread by the eager kernel): query i may see key j iff j <= i, key j is real, and the group of i may see
@@ -107,9 +108,10 @@ class FusionLM(nn.Module):
         tokens = [g.to(emb.dtype)[None].expand(B, -1, -1) for g in groups]
         h = torch.cat([emb, *tokens], 1)
 
-        n_real = text_valid.sum(1, keepdim=True)
         text_pos = (text_valid.cumsum(1) - 1).clamp(min=0)
-        fusion_pos = n_real + torch.arange(h.shape[1] - T, device=h.device)
+        start = self.cfg.fusion_position_start
+        start = text_valid.sum(1, keepdim=True) if start is None else torch.full_like(text_pos[:, :1], start)
+        fusion_pos = start + torch.arange(h.shape[1] - T, device=h.device)
         position_ids = torch.cat([text_pos, fusion_pos], 1)
         h = self.adapter.add_positions(h, position_ids)
 

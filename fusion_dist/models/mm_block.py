@@ -29,6 +29,7 @@ from fusion_dist.config import ConfigError, ModelConfig
 from fusion_dist.models.backbone import LMAdapter, gathered
 
 GATINGS = ("sigmoid", "tanh", "none")
+CROSS_ATTN_SCALES = ("head", "model")
 
 
 class Gate(nn.Module):
@@ -58,9 +59,13 @@ class Gate(nn.Module):
 class CrossAttention(nn.Module):
     """Multi-head attention from LM-width queries to a d_ctx-wide context sequence (bias-free projections)."""
 
-    def __init__(self, d: int, d_ctx: int, n_heads: int, dropout: float):
+    def __init__(self, d: int, d_ctx: int, n_heads: int, dropout: float, scale: str = "head"):
         super().__init__()
+        if scale not in CROSS_ATTN_SCALES:
+            raise ConfigError(f"model.cross_attn_scale: unknown '{scale}'; choose {', '.join(CROSS_ATTN_SCALES)}")
         self.n_heads = n_heads
+        # "model": the reference's 1/sqrt(d) over the full LM width, n_heads^0.5 times softer than 1/sqrt(d_head)
+        self.scale = d ** -0.5 if scale == "model" else None
         self.q = nn.Linear(d, d, bias=False)
         self.kv = nn.Linear(d_ctx, 2 * d, bias=False)
         self.out = nn.Linear(d, d, bias=False)
@@ -73,7 +78,8 @@ class CrossAttention(nn.Module):
         k, v = (heads(t) for t in self.kv(ctx).chunk(2, -1))
         # A sample with no real AV step attends to its (zero) steps instead of to nothing (NaN).
         allowed = (ctx_mask | ~ctx_mask.any(1, keepdim=True))[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0,
+                                             scale=self.scale)
         return self.out(out.transpose(1, 2).reshape(B, N, d))
 
 
@@ -83,7 +89,7 @@ class GatedCrossAttention(nn.Module):
     def __init__(self, adapter: LMAdapter, d_ctx: int, cfg: ModelConfig):
         super().__init__()
         self.norm = adapter.new_norm()
-        self.attn = CrossAttention(adapter.hidden_size, d_ctx, cfg.cross_attn_heads, cfg.dropout)
+        self.attn = CrossAttention(adapter.hidden_size, d_ctx, cfg.cross_attn_heads, cfg.dropout, cfg.cross_attn_scale)
         self.gate = Gate(cfg.gating, cfg.gate_init)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
