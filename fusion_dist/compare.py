@@ -1,7 +1,8 @@
 """``fusion-dist compare EXPERIMENT``: a sweep at a glance, without opening a notebook.
 
 One row per configuration (parent run): the config keys that differ between them, and mean ± std over
-seeds (child runs) of the chosen metrics. A plot of the first metric against the swept key (number of
+seeds (child runs) of the chosen metrics; with ``--study FILE`` (the sweep's own file) also the paper-style table,
+a row per setting and the paper's numbers beside ours. A plot of the first metric against the swept key (number of
 MM layers, n_fusion, ...) is saved and logged to the experiment's "compare" report run.
 """
 
@@ -93,6 +94,42 @@ def table(parents: list, children: dict[str, list], keys: list[str], metrics: li
     return "\n".join(lines)
 
 
+def _percent(name: str) -> bool:
+    return "acc" in name.lower() or "f1" in name.lower()
+
+
+def study_table(parents: list, children: dict[str, list], spec: dict) -> str:
+    """The paper-style table of a study: a row per task (its setting's label and grid values), a column per MMSA
+    test metric, mean ± std over seeds (accuracies and F1 in %, as the paper prints them), and the paper's number
+    in brackets where the study file gives one. Task i is the parent run of ``<dir>/task<i>``."""
+    from fusion_dist.metrics import MOSI_NAMES, SIMS_NAMES
+    from fusion_dist.study import paper_numbers, tasks
+
+    by_name = {p.info.run_name: p for p in parents}
+    have = {m for kids in children.values() for k in kids for m in k.data.metrics}
+    names = next((ns for ns in (MOSI_NAMES, SIMS_NAMES) if any(f"test/{n}" in have for n in ns)), MOSI_NAMES)
+    paper, grid = paper_numbers(spec), list(spec.get("grid", {}))
+    rows = []
+    for i, task in enumerate(tasks(spec)):
+        label = " ".join([task.label or f"task{i}", *(f"{k.rsplit('.', 1)[-1]}={task.values[k]}" for k in grid)])
+        p, cells = by_name.get(f"task{i}"), []
+        for n in names:
+            values = metric_values(p, children.get(p.info.run_id, []), f"test/{n}") if p else []
+            scale, digits = (100.0, 2) if _percent(n) else (1.0, 3)  # as the paper prints them
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cell = f"{scale * statistics.fmean(values):.{digits}f} ± {scale * std:.{digits}f}" if values else "-"
+            if n in paper.get(task.label, {}):
+                cell += f" [{paper[task.label][n]}]"
+            cells.append(cell)
+        rows.append([label, *cells])
+    header = ["setting", *names]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    seeds = "test metrics, mean ± std over seeds (ddof=1); accuracies and F1 in %; [the paper's number]"
+    return f"{seeds}\n" + "\n".join(lines)
+
+
 def plot(parents: list, children: dict[str, list], keys: list[str], metric: str, x_key: str | None,
          out: Path) -> Path:
     """Metric (mean ± std over seeds) against the swept key; a bar per run if nothing numeric differs."""
@@ -151,7 +188,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--x", dest="x_key", help="config key for the plot's x axis (default: the swept one)")
     parser.add_argument("--out", type=Path, help="plot file (default: compare-<experiment>.png here)")
     parser.add_argument("--no-log", action="store_true", help="do not log the plot and table to MLflow")
+    parser.add_argument("--study", type=Path, help="the sweep / study file of the experiment: also print the "
+                                                  "paper-style table (a row per setting, the paper's numbers)")
     args = parser.parse_args(argv)
+    spec = None
+    if args.study:
+        from fusion_dist.study import read
+
+        spec = read(args.study)
 
     uri = args.uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
@@ -166,6 +210,8 @@ def main(argv: list[str]) -> int:
         raise UserError(f"experiment '{args.experiment}' has no metrics to compare")
     keys = differing_keys(parents)
     text = table(parents, children, keys, metrics)
+    if spec is not None:
+        text += "\n\n" + study_table(parents, children, spec)
     print(text)
     out = args.out or Path(f"compare-{args.experiment.replace('/', '-')}.png")
     plot(parents, children, keys, metrics[0], args.x_key, out)

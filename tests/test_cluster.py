@@ -197,7 +197,9 @@ def test_killed_rank_fails_the_job_and_resubmitting_resumes(slurm_cluster, input
     assert_same_run(run_dir, reference[0])
 
 
-def test_sweep_array_then_report(slurm_cluster, inputs):
+def test_study_array_then_report(slurm_cluster, inputs):
+    """A 2-setting study (x a 2-value grid) as the paper's studies run: one array task per configuration, then the
+    report job's tables, the paper-style one with the study's paper numbers beside the runs' mean ± std."""
     work = inputs / "sweep-submit"
     work.mkdir()
     sweep = work / "sweep.yaml"
@@ -207,8 +209,10 @@ config: {CONFIG}
 experiment: cluster-sweep
 dir: {work / 'out'}
 overrides: ["model.backbone={inputs / 'backbone'}", "data.root={inputs / 'shards'}"]
+settings:
+  - {{label: shallow, set: {{model.mm_layers: [1]}}, paper: {{Acc2: 85.6, MAE: 0.692}}}}
+  - {{label: deep, set: {{model.mm_layers: [1, 3]}}}}
 grid:
-  model.mm_layers: [[1], [1, 3]]
   model.n_fusion: [2, 3]
 """)
     out = slurm_cluster.run("bash", str(ROOT / "slurm/sweep.sh"), str(sweep), "--nodes=1", *CPU, cwd=work,
@@ -221,6 +225,14 @@ grid:
     assert re.search(r"^run\s+model\.mm_layers\s+model\.n_fusion\s", report, re.M), report
     for i, (layers, n_f) in enumerate([("[1]", 2), ("[1]", 3), ("[1, 3]", 2), ("[1, 3]", 3)]):
         assert re.search(rf"^task{i}\s+{re.escape(layers)}\s+{n_f}\s+-?\d", report, re.M), report
+    metrics = {i: json.loads((work / "out" / f"task{i}" / "metrics.json").read_text()) for i in range(4)}
+    for i, label in enumerate(["shallow n_fusion=2", "shallow n_fusion=3", "deep n_fusion=2", "deep n_fusion=3"]):
+        m = metrics[i]["mean"]["test"]
+        acc, mae = f"{100 * m['Has0_acc_2']:.2f} ± 0.00", f"{m['MAE']:.3f} ± 0.000"  # one seed: std 0
+        paper = (" [85.6]", " [0.692]") if label.startswith("shallow") else ("", "")
+        row = re.search(rf"^{re.escape(label)}\s+(.*)$", report, re.M)
+        assert row and f"{acc}{paper[0]}" in row[1] and f"{mae}{paper[1]}" in row[1], (label, report)
+    assert re.search(r"^setting\s+Has0_acc_2\s+Has0_F1_score\s+Non0_acc_2", report, re.M), report
     assert (work / "out" / "compare.png").is_file()
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'out' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("cluster-sweep").experiment_id])

@@ -15,6 +15,7 @@ CONFIG = str(ROOT / "configs/test/cluster_mosi.yaml")
 sys.path.insert(0, str(ROOT / "slurm"))
 import jobtools  # noqa: E402
 
+from fusion_dist import study  # noqa: E402
 from fusion_dist.errors import UserError  # noqa: E402
 
 
@@ -91,13 +92,46 @@ def test_deepspeed_wrapper_refuses_a_bad_hostfile_before_launching(tmp_path, hos
     assert "fusion-dist launch" not in out.stdout  # no launcher started
 
 
-def test_shipped_sweep_file_expands(tmp_path, monkeypatch):
+STUDIES = {"slurm/sweeps/mosi_depth.yaml": 9, "configs/studies/sims_depth.yaml": 3,
+           "configs/studies/mosei_depth.yaml": 3, "configs/studies/mosei_fusion_tokens.yaml": 7,
+           "configs/studies/curriculum_mosei.yaml": 3, "configs/studies/curriculum_sims.yaml": 3,
+           "configs/studies/ablation_fusion_block_sims.yaml": 4, "configs/studies/ablation_losses_mosei.yaml": 5,
+           "configs/studies/ablation_losses_sims.yaml": 5, "configs/studies/ablation_augment_sims.yaml": 3,
+           "configs/studies/ablation_gating_mosei.yaml": 3}
+
+
+def test_every_shipped_sweep_and_study_file_expands(tmp_path, monkeypatch):
+    """Every task of every shipped sweep / paper study is a config that loads, on its job script's geometry."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(ROOT)  # its paths are relative to the checkout
-    spec = yaml.safe_load((ROOT / "slurm/sweeps/mosi_depth.yaml").read_text())
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump({**spec, "dir": str(tmp_path / "out")}))
-    assert "tasks=9\n" in jobtools.sweep(path)
+    monkeypatch.chdir(ROOT)  # their paths are relative to the checkout
+    assert set(STUDIES) == {str(p.relative_to(ROOT)) for p in [*ROOT.glob("slurm/sweeps/*.yaml"),
+                                                               *ROOT.glob("configs/studies/*.yaml")]}
+    for name, n in STUDIES.items():
+        spec = yaml.safe_load((ROOT / name).read_text())
+        path = tmp_path / Path(name).name
+        path.write_text(yaml.safe_dump({**spec, "dir": str(tmp_path / Path(name).stem)}))
+        assert f"tasks={n}\n" in jobtools.sweep(path), name
+        assert all(r for r in study.paper_numbers(spec).values()) or name.endswith(("mosi_depth.yaml", "tokens.yaml"))
+
+
+def test_study_settings_are_the_outer_loop_and_paper_names_are_checked(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    settings = [{"label": "shallow", "set": {"model.mm_layers": [1]}, "paper": {"Acc2": 80.0, "MAE": 0.5}},
+                {"label": "deep", "set": {"model.mm_layers": [1, 3]}}]
+    jobtools.sweep(write_sweep(tmp_path, settings=settings, grid={"model.n_fusion": [2, 4]}))
+    tasks = [line.split("\t")[3:5] for line in (tmp_path / "out" / "tasks.tsv").read_text().splitlines()]
+    assert tasks == [[f"model.mm_layers={m}", f"model.n_fusion={n}"] for m in ("[1]", "[1,3]") for n in (2, 4)]
+    spec = study.read(write_sweep(tmp_path, settings=settings, grid=None))
+    assert [t.label for t in study.tasks(spec)] == ["shallow", "deep"]
+    assert study.paper_numbers(spec) == {"shallow": {"Has0_acc_2": 80.0, "Non0_acc_2": 80.0, "Mult_acc_2": 80.0,
+                                                     "MAE": 0.5}, "deep": {}}
+    for bad, message in [([{"label": "a", "paper": {"Acc22": 1}}], "paper metric(s) ['Acc22']"),
+                         ([{"label": "a"}, {"label": "a"}], "labels must differ"),
+                         ([{"set": {}}], "settings[0] must be a mapping with 'label'")]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            study.read(write_sweep(tmp_path, settings=bad))
+    with pytest.raises(UserError, match="needs 'grid' or 'settings'"):
+        study.read(write_sweep(tmp_path, grid=None))
 
 
 PAPER_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs/paper").glob("*.yaml"))

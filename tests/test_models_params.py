@@ -11,7 +11,8 @@ from fusion_dist.models import build_model, count_parameters
 from fusion_dist.models.backbone import make_backbone
 from model_helpers import backbones, single_thread  # noqa: F401
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
+CONFIGS = sorted(p for p in Path(__file__).resolve().parents[1].glob("configs/**/*.yaml")
+                 if p.parent.name != "studies")  # configs/studies/: sweep files
 # The hub is unreachable in tests: each hub name a config uses maps to the make-backbone preset of its architecture.
 HUB_PRESETS = {
     "gpt2": ("gpt2", "gpt2-base", {}),

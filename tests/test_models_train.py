@@ -98,9 +98,10 @@ def test_stage2_batchnorm_choice_differs_from_stage1(backbones, stage1_exports):
         assert all(".norm_in." in k for k in set(saved) - set(state))
 
 
-def test_av_pretrainer_learns(backbones):
+@pytest.mark.parametrize("head", ["last", "mean"])
+def test_av_pretrainer_learns(backbones, head):
     torch.manual_seed(0)
-    model = build_av_pretrainer(tiny_cfg("unused").av, AUDIO_DIM, VISION_DIM, head_hidden=16).train()
+    model = build_av_pretrainer(tiny_cfg("unused").av, AUDIO_DIM, VISION_DIM, head_hidden=16, head=head).train()
     from transformers import AutoTokenizer
 
     batch = planted_batch(AutoTokenizer.from_pretrained(backbones["gpt2"]))

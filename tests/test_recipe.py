@@ -55,7 +55,7 @@ STAGE2 = {
         "model.loss.unimodal_labels": True,
     },
 }
-STAGE1_COMMON = {"model.av.modality_mask": 0.0, "train.micro_batch_size": 32, "train.global_batch_size": 128, "train.schedule": "plateau",
+STAGE1_COMMON = {"pretrain.head": "last", "model.av.modality_mask": 0.0, "train.micro_batch_size": 32, "train.global_batch_size": 128, "train.schedule": "plateau",
                  "train.plateau_factor": 0.1, "train.patience": 8, "train.grad_clip": 1.0, "train.grad_clip_mode": "value",
                  "train.grad_clip_av": True, "model.av.softperm": 0.2, "train.weight_decay": 0.01}
 STAGE1 = {

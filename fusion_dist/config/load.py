@@ -110,6 +110,7 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("pretrain.batchnorm", lambda v: set(v) <= {"audio", "vision"}, "a list of audio, vision"),
     ("pretrain.softperm", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("pretrain.modality_mask", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("pretrain.head", lambda v: v in ("last", "mean"), "last or mean"),
     ("pretrain.maxlen", lambda v: v is None or v >= 1, ">= 1 (or unset: model.av.maxlen)"),
     ("model.audio_encoder.frame_mask", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("model.video_encoder.frame_mask", lambda v: 0 <= v < 1, "in [0, 1)"),

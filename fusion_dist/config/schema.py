@@ -308,6 +308,9 @@ class PretrainConfig:
     """``model.av.maxlen`` in stage 1 (unset: the same; reference SIMS: 39, stage 2 55)."""
     modality_mask: float = 0.0
     """``model.av.modality_mask`` in stage 1 (the reference masks modalities in DMPF's stage 2 only)."""
+    head: str = "last"
+    """The stage-1 regression head: ``last`` (the reference: linear on the last step of the fused sequence) or
+    ``mean`` (the task-head MLP on its mean). Not part of the export: stage 2 loads the encoder only."""
 
 
 @dataclass
@@ -354,13 +357,13 @@ UNIMODAL_AUX = ("tokens", "encoders")
 
 def pretrain_replaces() -> dict[str, str]:
     """``{replaced key: pretrain key}``: the ``train.*`` and ``model.av.*`` keys the ``pretrain`` section sets
-    in stage 1."""
+    in stage 1 (its other keys, ``head``, are its own)."""
     train = {f.name for f in dataclasses.fields(TrainConfig)}
     av = {f.name for f in dataclasses.fields(AVEncoderConfig)}
     out = {}
     for f in dataclasses.fields(PretrainConfig):
-        out[f"train.{f.name}" if f.name in train else f"model.av.{f.name}"] = f"pretrain.{f.name}"
-        assert f.name in train or f.name in av, f.name
+        if f.name in train or f.name in av:
+            out[f"train.{f.name}" if f.name in train else f"model.av.{f.name}"] = f"pretrain.{f.name}"
     out["train.av_lr"] = "pretrain.lr"
     return out
 

@@ -115,23 +115,31 @@ class AVEncoder(nn.Module):
 
 
 class AVPretrainer(nn.Module):
-    """Stage 1 ("bienc"): the AV encoder alone with a regression head, L1 on the sentiment label."""
+    """Stage 1 ("bienc"): the AV encoder alone with a regression head, L1 on the sentiment label. ``head``:
+    ``last`` (the reference's: a linear layer on the last step of Z; every step of a sample is real or none is,
+    as resampling spreads the frames over all ``maxlen`` steps) or ``mean`` (the task-head MLP on the mean of Z)."""
 
-    def __init__(self, av_encoder: AVEncoder, head_hidden: int, dropout: float):
+    def __init__(self, av_encoder: AVEncoder, head_hidden: int, dropout: float, head: str = "mean"):
         super().__init__()
-        self.av_encoder = av_encoder
-        self.head = regression_head(av_encoder.d_av, head_hidden, dropout)
+        if head not in PRETRAIN_HEADS:
+            raise UserError(f"pretrain.head: unknown '{head}'; choose {', '.join(PRETRAIN_HEADS)}")
+        self.av_encoder, self.pool = av_encoder, head
+        self.head = nn.Linear(av_encoder.d_av, 1) if head == "last" else regression_head(av_encoder.d_av, head_hidden,
+                                                                                          dropout)
 
     def forward(self, batch: dict) -> ModelOutput:
-        z, mask = self.av_encoder(batch, self.head[0].weight.dtype)
-        prediction = self.head(masked_mean(z, mask)).squeeze(-1)
+        z, mask = self.av_encoder(batch, next(self.head.parameters()).dtype)
+        prediction = self.head(z[:, -1] if self.pool == "last" else masked_mean(z, mask)).squeeze(-1)
         loss = F.l1_loss(prediction.float(), batch["label"].float())
         return ModelOutput(prediction=prediction, loss=loss, losses={"task": loss.detach()})
 
 
+PRETRAIN_HEADS = ("last", "mean")
+
+
 def build_av_pretrainer(av_cfg: AVEncoderConfig, audio_dim: int, vision_dim: int, head_hidden: int = 64,
-                        dropout: float = 0.1) -> AVPretrainer:
-    return AVPretrainer(AVEncoder({"audio": audio_dim, "vision": vision_dim}, av_cfg), head_hidden, dropout)
+                        dropout: float = 0.1, head: str = "mean") -> AVPretrainer:
+    return AVPretrainer(AVEncoder({"audio": audio_dim, "vision": vision_dim}, av_cfg), head_hidden, dropout, head)
 
 
 # --------------------------------------------------------------------------- stage-1 export

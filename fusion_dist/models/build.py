@@ -107,7 +107,7 @@ def build_for_stage(cfg: Config, stage: str, dims: dict[str, int], meta: bool = 
     if stage == PRETRAIN_AV:
         with torch.device("meta") if meta else contextlib.nullcontext():
             model = build_av_pretrainer(cfg.model.av, dims["audio"], dims["vision"], cfg.model.head_hidden,
-                                        cfg.model.dropout)
+                                        cfg.model.dropout, cfg.pretrain.head)
         return cast_parameters(model, dtype)
     model = build_model(cfg.model, dims["audio"], dims["vision"], meta=meta, dtype=dtype)
     model.activation_checkpointing = cfg.train.activation_checkpointing

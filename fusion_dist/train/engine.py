@@ -172,6 +172,16 @@ def lr_factor(train: TrainConfig, steps_per_epoch: int, peak: float, plateau_sca
     return factor
 
 
+def schedule_text(train: TrainConfig) -> str:
+    """``lr_factor`` in words, for the start-up line."""
+    after = (f"x {train.plateau_factor:g} after {train.plateau_patience} epochs on a plateau"
+             if train.schedule == "plateau" else
+             f"cosine over {f'{train.schedule_epochs:g}' if train.schedule_epochs else 'the other'} epochs to "
+             f"{train.min_lr:g}" +
+             (", with restarts" if train.lr_restarts and train.schedule_epochs else ""))
+    return f"lr: {train.warmup_epochs:g} warmup epochs, then {after}"
+
+
 def refresh_lr(engine) -> None:
     """Set every group's lr to what the schedule gives for the current step now (after a plateau update or a
     resume), not only at the next optimizer step."""

@@ -142,13 +142,9 @@ class SeedRun:
         self.metrics = StepMetrics(self.run_dir.history(self.seed), self.tracker, denv, t.log_every_steps,
                                    t.global_batch_size, self.steps_per_epoch)
         self.reported = False
-        schedule = (f"lr: {t.warmup_epochs:g} warmup epochs, then " +
-                    (f"x {t.plateau_factor:g} after {t.plateau_patience} epochs on a plateau" if t.schedule == "plateau"
-                     else f"cosine over {t.schedule_epochs or 'the other'} epochs" +
-                     (" with restarts" if t.lr_restarts and t.schedule_epochs else "")))
         log.info(f"seed {self.seed}: {self.stage} | {self.geometry} | {self.steps_per_epoch} steps/epoch, "
-                 f"at most {t.epochs} epochs (early stopping after {t.patience} without improvement) | {schedule} | "
-                 f"ZeRO-{t.zero_stage} {t.precision}")
+                 f"at most {t.epochs} epochs (early stopping after {t.patience} without improvement) | "
+                 f"{E.schedule_text(t)} | ZeRO-{t.zero_stage} {t.precision}")
 
     def _resume(self) -> TrainState:
         state = self.state
