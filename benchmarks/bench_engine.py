@@ -58,8 +58,9 @@ def overhead(rounds: int = 5, steps: int = 20, bsz: int = 16) -> dict:
         model = build_model(_model_cfg(str(bb)), 5, 20)
         batches = _batches(model.tokenizer, steps, bsz)
         bare = copy.deepcopy(model)
-        t = TrainConfig(global_batch_size=bsz, micro_batch_size=bsz, zero_stage=2, lr=1e-4, grad_clip=1.0)
-        engine = E.initialize(model, t, E.deepspeed_config(t, denv.world_size), 10**6, 0)
+        t = TrainConfig(global_batch_size=bsz, micro_batch_size=bsz, zero_stage=2, lr=1e-4, grad_clip=1.0,
+                        warmup_epochs=0)
+        engine = E.initialize(model, t, E.deepspeed_config(t, denv.world_size), steps_per_epoch=10**6)
         opt = torch.optim.AdamW(E.param_groups(bare, t), lr=t.lr, betas=tuple(t.betas))
         trainable = [p for p in bare.parameters() if p.requires_grad]
         bare.train()
@@ -106,7 +107,7 @@ def memory(backbone_preset: str = "gpt2-base") -> dict:
         torch.manual_seed(0)
         with E.model_init(ds_config):
             model = build_model(_model_cfg(str(tmp)), 5, 20)
-        engine = E.initialize(model, t, ds_config, 100, 0)
+        engine = E.initialize(model, t, ds_config, steps_per_epoch=100)
         b = _batches(model.tokenizer, 1, 2)[0]
         out_ = engine(b)
         engine.backward(out_.loss)

@@ -62,7 +62,7 @@ WORKER = textwrap.dedent("""
 
     check_copies()
     assert not any(hasattr(p, "ds_id") for p in model.mm_blocks.parameters())  # no shared partition state
-    engine = E.initialize(model, cfg.train, ds_config, total_steps=4, warmup_steps=1)
+    engine = E.initialize(model, cfg.train, ds_config, steps_per_epoch=4)
     check_copies()
 
     # 3. training steps run: the fusion tokens, owned by the model itself, get their gradient
