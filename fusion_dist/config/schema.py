@@ -225,7 +225,8 @@ class TrainConfig:
     """Cosine period in epochs after the warmup: the lr falls from the peak to ``min_lr`` over it (reference: MOSI
     150, MOSEI 15-20, SIMS 100). Unset: the rest of ``epochs``."""
     lr_restarts: bool = True
-    """After each cosine period restart at the peak (the reference's warm restarts); ``false`` holds ``min_lr``."""
+    """After each cosine period of ``schedule_epochs`` restart at the peak (the reference's warm restarts); ``false``
+    holds ``min_lr``. Without ``schedule_epochs`` the cosine ends with ``epochs``: nothing to restart."""
     min_lr: float = 0.0
     """Lowest learning rate of the cosine (reference: 1e-7)."""
     plateau_factor: float = 0.1

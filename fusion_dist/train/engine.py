@@ -152,7 +152,7 @@ def lr_factor(train: TrainConfig, steps_per_epoch: int, peak: float, plateau_sca
     """The LR multiplier of optimizer step s for a param group whose peak lr is ``peak``.
 
     Linear warmup from 0 over ``train.warmup_epochs``; then ``cosine``: from 1 down to ``min_lr / peak`` over
-    ``train.schedule_epochs`` (default: the rest of ``train.epochs``), restarting at 1 after each period with
+    ``train.schedule_epochs`` (default: the rest of ``train.epochs``), restarting at 1 after each such period with
     ``train.lr_restarts``, else holding the floor; or ``plateau``: ``plateau_scale()``, the ReduceLROnPlateau
     factor that epoch ends update (``TrainState.plateau``)."""
     warmup = round(train.warmup_epochs * steps_per_epoch)
@@ -166,7 +166,7 @@ def lr_factor(train: TrainConfig, steps_per_epoch: int, peak: float, plateau_sca
         if train.schedule == "plateau":
             return plateau_scale()
         t = step - warmup
-        t = t % period if train.lr_restarts else min(t, period)
+        t = t % period if train.lr_restarts and train.schedule_epochs else min(t, period)
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t / period))
 
     return factor

@@ -73,8 +73,8 @@ def test_param_groups_lr_and_no_decay_rules():
 def test_warmup_then_cosine_to_zero_over_the_epochs_without_a_horizon():
     f = lr_factor(TrainConfig(epochs=3, warmup_epochs=1), steps_per_epoch=4, peak=1e-3)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert f(8) == pytest.approx(0.5) and f(11) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
-    assert all(f(s) >= f(s + 1) for s in range(4, 11))
+    assert f(8) == pytest.approx(0.5) and f(12) == pytest.approx(0.0) and f(20) == pytest.approx(0.0)
+    assert all(f(s) >= f(s + 1) for s in range(4, 12))
 
 
 def test_cosine_over_the_horizon_to_min_lr_then_restarts_or_holds():
