@@ -146,3 +146,27 @@ def test_unimodal_labels_are_the_targets_of_the_unimodal_heads(backbones, family
             assert v > heads[k] - 10 > plain[k], k
         else:
             assert torch.equal(v, plain[k]), k
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["deepmlf", "dmpf"])
+def test_frozen_prefix_split_gives_the_full_sequences_loss_and_gradients(backbones, arch, family):
+    """``model.prefix_split``: the layers before the first MM block run the text without autograd and the fusion
+    tokens on its detached keys / values; loss and every trainable gradient equal the full path's (fp32 rounding)."""
+    calls = []
+    grads = {}
+    for split in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tiny_cfg(backbones[arch], family, mm_layers=[2, 3], prefix_split=split),
+                            AUDIO_DIM, VISION_DIM).train()
+        prefix = model.frozen_prefix
+        model.frozen_prefix = lambda *a: calls.append(split) or prefix(*a)
+        out = model(make_batch(model.tokenizer))
+        out.loss.backward()
+        grads[split] = {"loss": out.loss.detach(), **{n: p.grad for n, p in model.named_parameters() if p.requires_grad}}
+    assert calls == [True]
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 10
+    for name, full in grads[False].items():
+        assert full is not None, name
+        torch.testing.assert_close(grads[True][name], full, rtol=1e-4, atol=1e-6 * (1 + full.abs().max().item()),
+                                   msg=name)

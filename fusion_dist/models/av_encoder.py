@@ -77,9 +77,10 @@ class ModalityEncoder(nn.Module):
             x = x.masked_scatter(mask[..., None], self.norm_in(x[mask]))
         x = self.proj(x) * math.sqrt(self.d_enc)
         x = self.dropout(x + sinusoidal_positions(self.maxlen, self.d_enc, x.device).to(x.dtype))
-        # A sample with no real frame attends to its (zero) steps rather than to nothing, which would be NaN.
+        # A sample with no real frame attends to its (zero) steps rather than to nothing, which would be NaN. Every
+        # step is real in the normal case: no mask then, so attention takes its unmasked (fused) path.
         key_padding = ~mask & mask.any(1, keepdim=True)
-        x = self.encoder(x, src_key_padding_mask=key_padding)
+        x = self.encoder(x, src_key_padding_mask=key_padding if key_padding.any() else None)
         return x * mask[..., None].to(x.dtype), mask
 
 

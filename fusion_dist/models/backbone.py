@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -155,6 +156,21 @@ def backbone_on_meta(name_or_dir: str, kernel: str = "sdpa"):
     return freeze(lm)
 
 
+def fuse_activations(lm: nn.Module) -> int:
+    """Swap GPT-2's ``gelu_new`` (transformers computes it as six element-wise ops) for PyTorch's fused tanh GELU,
+    the same function (they differ by float rounding), about 5x faster forward and backward. Returns how many
+    modules were swapped; the MM blocks' FFW copies, made after this, inherit it."""
+    from transformers.activations import NewGELUActivation
+
+    swapped = 0
+    for module in lm.modules():
+        for name, child in module.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(module, name, nn.GELU(approximate="tanh"))
+                swapped += 1
+    return swapped
+
+
 def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
@@ -181,6 +197,10 @@ class LMAdapter:
         self.hidden_size: int = self.config.hidden_size
         self.num_layers: int = len(self.layers)
         self.norm_kind = "layernorm" if isinstance(self.final_norm, nn.LayerNorm) else "rmsnorm"
+        # the name under which a decoder layer takes its KV cache (it differs across transformers versions)
+        accepted = inspect.signature(self.layers[0].forward).parameters
+        self.cache_argument = next((n for n in ("cache", "past_key_values", "past_key_value", "layer_past")
+                                    if n in accepted), None)
 
     def mlp(self, index: int) -> nn.Module:
         return self.layers[index].mlp

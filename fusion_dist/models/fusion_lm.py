@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from fusion_dist.config import ModelConfig
 from fusion_dist.errors import UserError
 from fusion_dist.models.augment import TextAugment
-from fusion_dist.models.backbone import LMAdapter
+from fusion_dist.models.backbone import LMAdapter, fuse_activations
 
 
 UNIMODAL_TARGETS = {"t": "label_T", "a": "label_A", "v": "label_V"}  # aux head -> its unimodal label
@@ -59,6 +59,21 @@ def group_attention_mask(text_valid: torch.Tensor, group_sizes: list[int], sees:
     return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
 
+class _TextKeysValues:
+    """What a decoder layer's attention takes as its KV cache in ``FusionLM.frozen_prefix``: the layer's text call
+    stores its keys / values, the fusion call that follows attends to them and to its own."""
+
+    def __init__(self):
+        self.stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx not in self.stored:
+            self.stored[layer_idx] = keys, values
+            return keys, values
+        text_keys, text_values = self.stored.pop(layer_idx)
+        return torch.cat([text_keys, keys], -2), torch.cat([text_values, values], -2)
+
+
 def _call(module: nn.Module, recompute: bool, *args, **kwargs) -> torch.Tensor:
     """``module(*args, **kwargs)``; with ``recompute`` its activations are not kept but recomputed in backward.
 
@@ -77,6 +92,8 @@ class FusionLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.lm = lm
+        if cfg.fused_activations:
+            fuse_activations(lm)
         self.adapter = LMAdapter(lm)
         self.tokenizer = tokenizer
         self.attn_kernel = attn_kernel
@@ -123,11 +140,35 @@ class FusionLM(nn.Module):
         recompute = self.training and torch.is_grad_enabled()
         recompute_lm = recompute and self.activation_checkpointing in ("lm", "all")
         recompute_mm = recompute and self.activation_checkpointing == "all"
+        first = min((int(i) for i in self.mm_blocks), default=0)
+        split = self.cfg.prefix_split and torch.is_grad_enabled() and first > 0 and self.attn_kernel != "flash_attention_2"
+        if split:
+            h = self.frozen_prefix(h, mask, position_ids, T, first)
         for i, layer in enumerate(self.adapter.layers):
+            if split and i < first:
+                continue
             h = _call(layer, recompute_lm, h, attention_mask=mask, **layer_kwargs)
             if str(i) in self.mm_blocks:
                 h = _call(self.mm_blocks[str(i)], recompute_mm, h, queries, contexts)
         return self.adapter.final_norm(h)
+
+    def frozen_prefix(self, h: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, T: int,
+                      n_layers: int) -> torch.Tensor:
+        """Decoder layers ``0..n_layers-1`` (those before the first MM block) with autograd over the fusion tokens only.
+
+        Text never attends to fusion tokens and nothing trainable acts on it before the first MM block, so its
+        states there are a function of the transcript alone: each layer runs the text without autograd, keeping
+        its keys / values, then the fusion tokens, which attend to those (detached) and to their own. The result,
+        and every gradient, is the full sequence's to float rounding, for about half the prefix's cost."""
+        kv, cache = _TextKeysValues(), self.adapter.cache_argument
+        text, fusion = h[:, :T], h[:, T:]
+        text_kwargs = {**self.adapter.layer_kwargs(text, position_ids[:, :T]), cache: kv}
+        fusion_kwargs = {**self.adapter.layer_kwargs(fusion, position_ids[:, T:]), cache: kv}
+        for layer in self.adapter.layers[:n_layers]:
+            with torch.no_grad():
+                text = layer(text, attention_mask=mask[:, :, :T, :T], **text_kwargs)
+            fusion = layer(fusion, attention_mask=mask[:, :, T:, :], **fusion_kwargs)
+        return torch.cat([text, fusion], 1)
 
     def lm_loss(self, text_states: torch.Tensor, input_ids: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
         """Next-token cross-entropy of the frozen LM head on the transcript (pairs of real tokens only)."""

@@ -76,10 +76,11 @@ class CrossAttention(nn.Module):
         heads = lambda t: t.view(B, t.shape[1], self.n_heads, d // self.n_heads).transpose(1, 2)  # noqa: E731
         q = heads(self.q(x))
         k, v = (heads(t) for t in self.kv(ctx).chunk(2, -1))
-        # A sample with no real AV step attends to its (zero) steps instead of to nothing (NaN).
+        # A sample with no real AV step attends to its (zero) steps instead of to nothing (NaN); with every step
+        # real (the normal case) there is no mask at all, so SDPA takes its unmasked path.
         allowed = (ctx_mask | ~ctx_mask.any(1, keepdim=True))[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0,
-                                             scale=self.scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if allowed.all() else allowed,
+                                             dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
         return self.out(out.transpose(1, 2).reshape(B, N, d))
 
 
