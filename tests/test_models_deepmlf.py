@@ -231,3 +231,11 @@ def test_fused_gelu_computes_gpt2s_gelu_new(backbones):
     assert any(isinstance(a, torch.nn.GELU) for a in on.mm_blocks["1"].ffw.modules())
     batch = make_batch(on.tokenizer)
     torch.testing.assert_close(on(batch).prediction, off(batch).prediction, atol=1e-5, rtol=1e-5)
+
+
+def test_the_lm_loss_is_a_training_term_only(backbones):
+    model = build_model(tiny_cfg(backbones["gpt2"]), AUDIO_DIM, VISION_DIM)
+    batch = make_batch(model.tokenizer)
+    assert "lm" in model.train()(batch).losses
+    out = model.eval()(batch)
+    assert "lm" not in out.losses and torch.isfinite(out.prediction).all()
