@@ -34,7 +34,8 @@ TRAINABLE = "trainable.safetensors"  # in a checkpoint tag: the trainable weight
 # data.max_text_tokens are fixed by the checkpoints: the model, its optimizer and schedule were built from them
 # and the checkpoint restores those, so a new value would be recorded but not used.
 RESUME_APPLIES = ("train.eval_batch_size", "train.patience", "train.checkpoint_every_steps", "train.keep_last",
-                  "train.log_every_steps", "train.dist_timeout_s", "train.activation_checkpointing")
+                  "train.log_every_steps", "train.dist_timeout_s", "train.activation_checkpointing",
+                  "train.prefix_cache")
 
 
 def atomic_write(path: Path, text: str) -> None:

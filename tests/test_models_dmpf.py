@@ -150,17 +150,18 @@ def test_unimodal_labels_are_the_targets_of_the_unimodal_heads(backbones, family
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("family", ["deepmlf", "dmpf"])
-def test_frozen_prefix_split_gives_the_full_sequences_loss_and_gradients(backbones, arch, family):
+def test_frozen_prefix_split_gives_the_full_sequences_loss_and_gradients(backbones, arch, family, monkeypatch):
     """``model.prefix_split``: the layers before the first MM block run the text without autograd and the fusion
     tokens on its detached keys / values; loss and every trainable gradient equal the full path's (fp32 rounding)."""
-    calls = []
-    grads = {}
+    import fusion_dist.models.fusion_lm as fusion_lm
+
+    calls, grads = [], {}
+    run_prefix = fusion_lm.run_prefix
+    monkeypatch.setattr(fusion_lm, "run_prefix", lambda *a: calls.append(split) or run_prefix(*a))
     for split in (False, True):
         torch.manual_seed(0)
         model = build_model(tiny_cfg(backbones[arch], family, mm_layers=[2, 3], prefix_split=split),
                             AUDIO_DIM, VISION_DIM).train()
-        prefix = model.frozen_prefix
-        model.frozen_prefix = lambda *a: calls.append(split) or prefix(*a)
         out = model(make_batch(model.tokenizer))
         out.loss.backward()
         grads[split] = {"loss": out.loss.detach(), **{n: p.grad for n, p in model.named_parameters() if p.requires_grad}}
@@ -170,3 +171,46 @@ def test_frozen_prefix_split_gives_the_full_sequences_loss_and_gradients(backbon
         assert full is not None, name
         torch.testing.assert_close(grads[True][name], full, rtol=1e-4, atol=1e-6 * (1 + full.abs().max().item()),
                                    msg=name)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["deepmlf", "dmpf"])
+def test_prefix_cache_reuses_each_transcript_exactly_whatever_its_batch(backbones, arch, family):
+    """``train.prefix_cache=auto``: a transcript's prefix states, kept from one batch, serve it in a batch of other
+    length and padding; loss and gradients equal the uncached model's. A text augmentation turns it off in training,
+    not in evaluation."""
+    from fusion_dist.models.prefix import PrefixCache
+    from model_helpers import TEXTS
+
+    def run(model, texts):
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks in the FFW copies (GPT-2's own MLP dropout)
+        out = model(make_batch(model.tokenizer, texts))
+        out.loss.backward()
+        return {"loss": out.loss.detach(), **{n: p.grad.clone() for n, p in model.named_parameters()
+                                              if p.requires_grad and p.grad is not None}}
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(backbones[arch], family, mm_layers=[2, 3])
+    cached, plain = build_model(cfg, AUDIO_DIM, VISION_DIM).train(), build_model(cfg, AUDIO_DIM, VISION_DIM).train()
+    plain.load_state_dict(cached.state_dict())
+    cached.prefix_cache = cache = PrefixCache()
+    hits = []
+    lookup = cache.lookup
+    cache.lookup = lambda *a: hits.append(lookup(*a) is not None) or lookup(*a)
+    run(cached, TEXTS)  # fills
+    assert len(cache.entries) == len(TEXTS) and cache.bytes > 0
+    later = [TEXTS[3], TEXTS[1]]  # shorter than the first batch: other length, other padding
+    got, want = run(cached, later), run(plain, later)
+    assert hits == [False, True]
+    for name, full in want.items():
+        torch.testing.assert_close(got[name], full, rtol=1e-4, atol=1e-6 * (1 + full.abs().max().item()), msg=name)
+    augmented = build_model(tiny_cfg(backbones[arch], family, mm_layers=[2, 3], augment__kind="seqaug"),
+                            AUDIO_DIM, VISION_DIM)
+    assert cached.deterministic_text and not augmented.deterministic_text
+    augmented.prefix_cache = PrefixCache()
+    augmented.train()(make_batch(augmented.tokenizer))
+    assert not augmented.prefix_cache.entries
+    with torch.no_grad():
+        augmented.eval()(make_batch(augmented.tokenizer))
+    assert len(augmented.prefix_cache.entries) == len(TEXTS)

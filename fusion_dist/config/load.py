@@ -97,6 +97,7 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("train.min_lr", lambda v: v >= 0, ">= 0"),
     ("train.plateau_factor", lambda v: 0 < v < 1, "in (0, 1)"),
     ("train.plateau_patience", lambda v: v >= 0, ">= 0"),
+    ("train.prefix_cache", lambda v: v in ("auto", "off"), "auto or off"),
     ("train.grad_clip_mode", lambda v: v in CLIP_MODES, f"one of {', '.join(CLIP_MODES)}"),
     ("train.checkpoint_every_steps", lambda v: v >= 0, ">= 0 (0: only at epoch ends)"),
     ("train.keep_last", lambda v: v >= 0, ">= 0"),

@@ -171,6 +171,14 @@ def fuse_activations(lm: nn.Module) -> int:
     return swapped
 
 
+def lm_dropout_rate(lm: nn.Module) -> float:
+    """The largest dropout the backbone runs in train mode (its dropout modules, and attention dropout that
+    Llama-family attention applies from its config)."""
+    rates = [m.p for m in lm.modules() if isinstance(m, nn.Dropout)]
+    rates += [float(getattr(lm.config, k, 0.0) or 0.0) for k in ("attention_dropout", "hidden_dropout")]
+    return max(rates, default=0.0)
+
+
 def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)

@@ -24,7 +24,8 @@ from torch.utils.checkpoint import checkpoint
 from fusion_dist.config import ModelConfig
 from fusion_dist.errors import UserError
 from fusion_dist.models.augment import TextAugment
-from fusion_dist.models.backbone import LMAdapter, fuse_activations
+from fusion_dist.models.backbone import LMAdapter, fuse_activations, lm_dropout_rate
+from fusion_dist.models.prefix import PrefixCache, run_prefix
 
 
 UNIMODAL_TARGETS = {"t": "label_T", "a": "label_A", "v": "label_V"}  # aux head -> its unimodal label
@@ -59,21 +60,6 @@ def group_attention_mask(text_valid: torch.Tensor, group_sizes: list[int], sees:
     return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
 
-class _TextKeysValues:
-    """What a decoder layer's attention takes as its KV cache in ``FusionLM.frozen_prefix``: the layer's text call
-    stores its keys / values, the fusion call that follows attends to them and to its own."""
-
-    def __init__(self):
-        self.stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if layer_idx not in self.stored:
-            self.stored[layer_idx] = keys, values
-            return keys, values
-        text_keys, text_values = self.stored.pop(layer_idx)
-        return torch.cat([text_keys, keys], -2), torch.cat([text_values, values], -2)
-
-
 def _call(module: nn.Module, recompute: bool, *args, **kwargs) -> torch.Tensor:
     """``module(*args, **kwargs)``; with ``recompute`` its activations are not kept but recomputed in backward.
 
@@ -101,6 +87,10 @@ class FusionLM(nn.Module):
         self.mm_blocks = nn.ModuleDict()
         self.frozen_encoders: list[str] = []  # attributes kept frozen and in eval mode (pretrained+frozen)
         self.activation_checkpointing = "none"  # train.activation_checkpointing: none | lm | all
+        self.prefix_cache: PrefixCache | None = None  # train.prefix_cache=auto: set by build_for_stage
+        # the text's path through the frozen LM is the same every time it is seen, in training too
+        self.deterministic_text = (cfg.augment.kind == "none" or cfg.augment.p_apply == 0) and not (
+            cfg.lm_dropout and lm_dropout_rate(lm) > 0)
 
     # ----------------------------------------------------------------- modes and dtype
 
@@ -140,10 +130,15 @@ class FusionLM(nn.Module):
         recompute = self.training and torch.is_grad_enabled()
         recompute_lm = recompute and self.activation_checkpointing in ("lm", "all")
         recompute_mm = recompute and self.activation_checkpointing == "all"
+        # the frozen prefix (fusion_dist/models/prefix.py): split in training, cached where its text is deterministic
         first = min((int(i) for i in self.mm_blocks), default=0)
-        split = self.cfg.prefix_split and torch.is_grad_enabled() and first > 0 and self.attn_kernel != "flash_attention_2"
+        prefix = first > 0 and self.attn_kernel != "flash_attention_2"
+        cache = self.prefix_cache if prefix and (not self.training or self.deterministic_text) else None
+        split = prefix and (cache is not None or (self.cfg.prefix_split and torch.is_grad_enabled()))
         if split:
-            h = self.frozen_prefix(h, mask, position_ids, T, first)
+            keys = PrefixCache.keys(input_ids, text_valid) if cache is not None else None
+            h = run_prefix(self.adapter.layers, self.adapter.cache_argument, self.adapter.layer_kwargs, h, mask,
+                           position_ids, T, first, cache, keys)
         for i, layer in enumerate(self.adapter.layers):
             if split and i < first:
                 continue
@@ -151,24 +146,6 @@ class FusionLM(nn.Module):
             if str(i) in self.mm_blocks:
                 h = _call(self.mm_blocks[str(i)], recompute_mm, h, queries, contexts)
         return self.adapter.final_norm(h)
-
-    def frozen_prefix(self, h: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, T: int,
-                      n_layers: int) -> torch.Tensor:
-        """Decoder layers ``0..n_layers-1`` (those before the first MM block) with autograd over the fusion tokens only.
-
-        Text never attends to fusion tokens and nothing trainable acts on it before the first MM block, so its
-        states there are a function of the transcript alone: each layer runs the text without autograd, keeping
-        its keys / values, then the fusion tokens, which attend to those (detached) and to their own. The result,
-        and every gradient, is the full sequence's to float rounding, for about half the prefix's cost."""
-        kv, cache = _TextKeysValues(), self.adapter.cache_argument
-        text, fusion = h[:, :T], h[:, T:]
-        text_kwargs = {**self.adapter.layer_kwargs(text, position_ids[:, :T]), cache: kv}
-        fusion_kwargs = {**self.adapter.layer_kwargs(fusion, position_ids[:, T:]), cache: kv}
-        for layer in self.adapter.layers[:n_layers]:
-            with torch.no_grad():
-                text = layer(text, attention_mask=mask[:, :, :T, :T], **text_kwargs)
-            fusion = layer(fusion, attention_mask=mask[:, :, T:, :], **fusion_kwargs)
-        return torch.cat([text, fusion], 1)
 
     def lm_loss(self, text_states: torch.Tensor, input_ids: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
         """Next-token cross-entropy of the frozen LM head on the transcript (pairs of real tokens only)."""

@@ -217,6 +217,10 @@ class SeedRun:
                  f" | best {KEY_METRIC} {es.best:.4f} ({es.best_tag})" +
                  (f" | early stop after {es.bad_epochs} epochs without improvement" if es.stop else ""))
         self.tracker.log_metrics({f"valid/{k}": v for k, v in valid.items() if math.isfinite(v)}, state.global_step)
+        cache = getattr(self.engine.module, "prefix_cache", None)
+        if cache is not None and cache.entries:
+            log.info(f"prefix cache: {len(cache.entries)} transcripts, {cache.bytes / 2**20:.1f} MiB of CPU memory "
+                     f"on rank 0 (train.prefix_cache=off to recompute instead)")
         state.epoch += 1
         state.step_in_epoch = 0
         self.ckpt.save(self.engine, tag, state, self.denv)
