@@ -219,3 +219,15 @@ def test_prefix_cache_reuses_each_transcript_exactly_whatever_its_batch(backbone
     with torch.no_grad():
         augmented.eval()(make_batch(augmented.tokenizer))
     assert len(augmented.prefix_cache.entries) == len(TEXTS)
+
+
+def test_prefix_cache_is_on_by_default_except_under_zero3(backbones):
+    """ZeRO-3 ranks gather each layer together: a cache filling what one rank has not seen would desynchronise them."""
+    from fusion_dist.config import Config, DataConfig
+    from fusion_dist.models.build import build_for_stage
+
+    dims = {"audio": AUDIO_DIM, "vision": VISION_DIM}
+    for zero, prefix_cache, on in ((2, "auto", True), (3, "auto", False), (2, "off", False)):
+        cfg = Config(data=DataConfig(root="unused"), model=tiny_cfg(backbones["gpt2"]))
+        cfg.train.zero_stage, cfg.train.prefix_cache = zero, prefix_cache
+        assert (build_for_stage(cfg, "train", dims).prefix_cache is not None) == on, (zero, prefix_cache)

@@ -258,7 +258,8 @@ class TrainConfig:
     prefix_cache: str = "auto"
     """``auto``: keep each transcript's states through the frozen layers before the first MM block (CPU memory) and
     run only the fusion tokens there when it comes again: in evaluation always, in training where that is exact (no
-    text augmentation, no LM dropout). The start-up and epoch lines say its size. ``off``: recompute every time."""
+    text augmentation, no LM dropout), except under ZeRO-3 (its ranks must make the same layer calls). The epoch
+    lines say its size. ``off``: recompute every time."""
     activation_checkpointing: str = "none"
     """Recompute activations in backward instead of keeping them: ``none``, ``lm`` (the frozen decoder layers) or
     ``all`` (also the MM blocks). Saves activation memory for about one more forward pass per step."""

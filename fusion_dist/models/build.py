@@ -112,7 +112,9 @@ def build_for_stage(cfg: Config, stage: str, dims: dict[str, int], meta: bool = 
         return cast_parameters(model, dtype)
     model = build_model(cfg.model, dims["audio"], dims["vision"], meta=meta, dtype=dtype)
     model.activation_checkpointing = cfg.train.activation_checkpointing
-    if cfg.train.prefix_cache == "auto":
+    # ZeRO-3 ranks gather each layer's weights together, so every rank must make the same layer calls: a cache
+    # that computes the transcripts a rank has not seen yet would make them differ
+    if cfg.train.prefix_cache == "auto" and cfg.train.zero_stage != 3:
         model.prefix_cache = PrefixCache()
     return model
 

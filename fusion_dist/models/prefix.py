@@ -5,8 +5,9 @@ Text never attends to fusion tokens and nothing trainable acts on it before the 
 - **split** (``model.prefix_split``): each layer runs the text without autograd, keeping its keys / values, then the
   fusion tokens, which attend to those (detached) and to their own. Result and gradients are the full sequence's to
   float rounding; training skips the backward of every text position there.
-- **cache** (``train.prefix_cache=auto``): where the text's path is deterministic (evaluation always; training
-  without text augmentation and without the LM's own dropout), each transcript's per-layer keys / values and its
+- **cache** (``train.prefix_cache=auto``, not under ZeRO-3, whose ranks must make the same layer calls): where the
+  text's path is deterministic (evaluation always; training without text augmentation and without the LM's own
+  dropout), each transcript's per-layer keys / values and its
   states after the prefix are kept in CPU memory, keyed by its token ids, and the prefix runs only the fusion
   tokens. A transcript seen for the first time is computed alone (no padding, no batch), so its entry is the same
   number whichever batch brings it: a run resumed with an empty cache trains exactly as the uninterrupted one. Only
