@@ -76,8 +76,10 @@ def batches(tokenizer, n: int, bsz: int) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(n):
-        samples = [{"id": str(i), "raw_text": " ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (48,), generator=g)),
-                    "audio": torch.randn(60, 5, generator=g).numpy(), "vision": torch.randn(60, 20, generator=g).numpy(),
+        samples = [{"id": str(i), "raw_text": " ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (48,),
+                                                                                       generator=g)),
+                    "audio": torch.randn(60, 5, generator=g).numpy(),
+                    "vision": torch.randn(60, 20, generator=g).numpy(),
                     "label": float(torch.randn((), generator=g))} for i in range(bsz)]
         out.append(Collator(tokenizer, 50)(samples))
     return out

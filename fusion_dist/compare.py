@@ -88,6 +88,11 @@ def table(parents: list, children: dict[str, list], keys: list[str], metrics: li
     header = ["run", *keys, *metrics]
     rows = [[p.info.run_name, *(p.data.params.get(k, "-") for k in keys),
              *(_mean_std(metric_values(p, children.get(p.info.run_id, []), m)) for m in metrics)] for p in parents]
+    return _columns(header, rows)
+
+
+def _columns(header: list, rows: list[list]) -> str:
+    """Left-aligned text columns under a header and a rule."""
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -122,12 +127,8 @@ def study_table(parents: list, children: dict[str, list], spec: dict) -> str:
                 cell += f" [{paper[task.label][n]}]"
             cells.append(cell)
         rows.append([label, *cells])
-    header = ["setting", *names]
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    seeds = "test metrics, mean ± std over seeds (ddof=1); accuracies and F1 in %; [the paper's number]"
-    return f"{seeds}\n" + "\n".join(lines)
+    legend = "test metrics, mean ± std over seeds (ddof=1); accuracies and F1 in %; [the paper's number]"
+    return f"{legend}\n" + _columns(["setting", *names], rows)
 
 
 def plot(parents: list, children: dict[str, list], keys: list[str], metric: str, x_key: str | None,
