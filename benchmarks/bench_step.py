@@ -1,6 +1,7 @@
 """Training-step and evaluation throughput with the hot-path optimisations on vs off (CPU, fp32; ratios in one run).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_step.py [--shapes mosi sims mosei mosei-noaug] [--rounds 3] [--steps 2]
+    python benchmarks/bench_step.py --device cuda --dtype bf16 --attn flash_attention_2   # the GPU row (gpu_check.sh)
 
 Shapes (random weights, the paper configs' fusion layout, 16 samples of ~50 text tokens):
   mosi         Llama family, 24 layers x 256 (SmolLM2-1.7B's depth, narrow enough for a CPU), MM blocks after
@@ -8,9 +9,9 @@ Shapes (random weights, the paper configs' fusion layout, 16 samples of ~50 text
   sims         GPT-2 base (12 x 768), MM blocks after [5..11], 16 fusion tokens, SeqAug on, LM loss
   mosei        GPT-2 base, MM blocks after [3, 5, 7..11], 12 fusion tokens, SeqAug on, LM loss
   mosei-noaug  the same without SeqAug
-"on" is the default model (``model.prefix_split``, ``model.fused_activations``, ``train.prefix_cache=auto``, in its
-steady state: a first pass over the batches has filled the cache, as the first epoch does; it serves training only
-where that is exact, i.e. not under SeqAug); "off" has all three off. The two models share weights and batches;
+"on" is the default model (``model.prefix_split``, ``model.fused_ops``, ``train.prefix_cache=auto``, computed
+before timing as the trainer does before the first epoch; it serves training only where that is exact, i.e. not
+under SeqAug); "off" has all three off. The two models share weights and batches;
 rounds alternate so load changes hit both. A training step is forward, backward
 and an AdamW step on the trainable parameters; evaluation is a no-grad forward in eval mode; "LM floor" is the
 frozen backbone's own forward over the same token batch (no fusion tokens, no MM blocks).
@@ -29,7 +30,9 @@ from fusion_dist.config import Config
 from fusion_dist.data import Collator
 from fusion_dist.models import build_model
 from fusion_dist.models.backbone import build_tokenizer, make_backbone
-from fusion_dist.models.prefix import PrefixCache
+from fusion_dist.models.build import DTYPES
+from fusion_dist.predict import to_device
+from fusion_dist.models.prefix import PrefixCache, chunks
 
 WORDS = "good bad movie really not great plot actor boring loved the film acting story long".split()
 SHAPES = {
@@ -61,14 +64,15 @@ def backbone(arch: str, root: Path) -> str:
     return str(out)
 
 
-def model_config(shape: dict, bb: str, optimised: bool):
+def model_config(shape: dict, bb: str, optimised: bool, attn: str):
     cfg = Config().model
+    cfg.attn_implementation = attn  # flash_attention_2 takes 2-D masks only: no prefix split or cache under it
     cfg.backbone, cfg.mm_layers, cfg.n_fusion = bb, shape["mm_layers"], shape["n_fusion"]
     cfg.av.d_av, cfg.av.init = 30, "random+tune"
     cfg.lora.enabled, cfg.lora.r, cfg.lora.alpha = shape["lora"], 32, 512
     cfg.augment.kind, cfg.loss.lambda_lm = shape["augment"], shape["lambda_lm"]
     cfg.augment.p_apply = 1.0  # every batch augmented: the cost SeqAug adds, every step
-    cfg.prefix_split = cfg.fused_activations = optimised
+    cfg.prefix_split = cfg.fused_ops = optimised
     return cfg
 
 
@@ -86,21 +90,29 @@ def batches(tokenizer, n: int, bsz: int) -> list[dict]:
 
 
 def timed(fn, items) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     start = time.perf_counter()
     for item in items:
         fn(item)
+    sync()
     return time.perf_counter() - start
 
 
-def run_shape(name: str, root: Path, rounds: int, steps: int, bsz: int) -> dict:
+def run_shape(name: str, root: Path, rounds: int, steps: int, bsz: int, device: str = "cpu", dtype: str = "fp32",
+              attn: str = "sdpa") -> dict:
     shape = SHAPES[name]
     bb = backbone(shape["arch"], root)
     torch.manual_seed(0)
-    on = build_model(model_config(shape, bb, True), 5, 20)
-    off = build_model(model_config(shape, bb, False), 5, 20)
+    on = build_model(model_config(shape, bb, True, attn), 5, 20, dtype=DTYPES[dtype]).to(device)
+    off = build_model(model_config(shape, bb, False, attn), 5, 20, dtype=DTYPES[dtype]).to(device)
     off.load_state_dict(on.state_dict())
-    on.prefix_cache = PrefixCache()  # train.prefix_cache=auto (used where exact: see fusion_dist/models/prefix.py)
-    data = batches(on.tokenizer, steps, bsz)
+    data = [to_device(b, torch.device(device)) for b in batches(on.tokenizer, steps, bsz)]
+    # train.prefix_cache=auto, computed before timing as before the first epoch (used where exact: models/prefix.py)
+    work = chunks([k for b in data for k in PrefixCache.keys(b["input_ids"], b["attention_mask"].bool())])
+    if on.prefix_layers:
+        rows = lambda ids: on.prefix_rows(ids.to(device))  # noqa: E731
+        on.prefix_cache = PrefixCache.compute(rows, work, rows(torch.tensor([work[0][0]]))[1])
     opts = {m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for m in (on, off)}
 
     def train_step(model):
@@ -121,7 +133,7 @@ def run_shape(name: str, root: Path, rounds: int, steps: int, bsz: int) -> dict:
             on.lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
     totals = {k: 0.0 for k in ("train_on", "train_off", "eval_on", "eval_off", "lm")}
-    for model in (on, off):  # warm-up, and the steady state of epoch 2 on: one pass fills the prefix cache
+    for model in (on, off):  # warm-up
         timed(train_step(model.train()), data)
         timed(eval_step(model.eval()), data)
     for r in range(rounds):
@@ -147,11 +159,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="training steps (batches) per round and model")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--backbones", type=Path, help="directory to keep the random backbones in (default: temporary)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     args = p.parse_args()
-    torch.set_num_threads(1)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    print(f"bench_step: {args.device}, {args.dtype}, attention {args.attn}")
     with tempfile.TemporaryDirectory() as tmp:
         root = args.backbones or Path(tmp)
-        results = [run_shape(s, root, args.rounds, args.steps, args.batch) for s in args.shapes]
+        results = [run_shape(s, root, args.rounds, args.steps, args.batch, args.device, args.dtype, args.attn)
+                   for s in args.shapes]
     print(f"\n{'shape':<12} {'train on':>9} {'train off':>9} {'speedup':>8} {'eval on':>8} {'eval off':>8} "
           f"{'speedup':>8} {'LM floor':>9}   (samples/s)")
     for r in results:

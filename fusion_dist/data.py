@@ -90,6 +90,15 @@ class ShardDataset(torch.utils.data.Dataset):
             self._shards[k] = _Shard(f"{self.root}/{self.shard_entries[k]['file']}")
         return self._shards[k].row(i - self.starts[k], self.dims)
 
+    def texts(self) -> list[str]:
+        """Every transcript of the split, in row order (the text column only)."""
+        out = []
+        for k, entry in enumerate(self.shard_entries):
+            if k not in self._shards:
+                self._shards[k] = _Shard(f"{self.root}/{entry['file']}")
+            out += [t for b in self._shards[k].batches for t in b.column("raw_text").to_pylist()]
+        return out
+
     def __getstate__(self) -> dict:
         # Open maps do not travel to worker processes; each reopens (maps) what it touches.
         return {**self.__dict__, "_shards": {}}

@@ -9,6 +9,7 @@ and best checkpoints, the resume guard, and the metric summaries.
     checkpoints/seed<S>/latest     the tag to resume from, written after ``complete``
     checkpoints/seed<S>/result.json   the seed's final metrics (a finished seed is not trained again)
     logs/seed<S>.jsonl             one line per optimizer step: losses by term, lr, grad norm
+    prefix_cache/<id>/             the frozen prefix's rows on disk (train/prefix_cache.py), one store per identity
     tracking/  mlflow.db  mlruns/  the tracking journal, and the embedded MLflow store (tracking.py)
 """
 
@@ -35,7 +36,7 @@ TRAINABLE = "trainable.safetensors"  # in a checkpoint tag: the trainable weight
 # and the checkpoint restores those, so a new value would be recorded but not used.
 RESUME_APPLIES = ("train.eval_batch_size", "train.patience", "train.checkpoint_every_steps", "train.keep_last",
                   "train.log_every_steps", "train.dist_timeout_s", "train.activation_checkpointing",
-                  "train.prefix_cache")
+                  "train.prefix_cache", "train.prefix_cache_memory_gb")
 
 
 def atomic_write(path: Path, text: str) -> None:

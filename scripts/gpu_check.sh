@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check, one GPU, bounded (well under 10 minutes): the CUDA build of torch, the model tests, then one epoch of
+# GPU check, one GPU, bounded (well under 10 minutes): the CUDA build of torch, the model tests, the step benchmark
+# in bf16 (benchmarks/bench_step.py: sdpa, and flash_attention_2 with flash-attn), then one epoch of
 # the paper MOSI config (configs/paper/deepmlf_mosi.yaml: bf16, LoRA r=512) on a SmolLM2-1.7B-shaped random
 # backbone with flash_attention_2 and with sdpa. Prints samples/s, tokens/s and peak GPU memory next to
 # `fusion-dist plan`, and writes them to $OUT/gpu_check.json (OUT defaults to gpu_check_out/).
@@ -20,6 +21,15 @@ timeout 120 pip install -q flash-attn --no-build-isolation 2>/dev/null || echo "
 
 timeout 150 python -m pytest -q -x tests/test_models_components.py tests/test_models_deepmlf.py tests/test_models_dmpf.py \
   tests/test_models_train.py
+
+# the step benchmark's GPU row (bf16): sdpa (prefix split + cache on) and, with flash-attn, flash_attention_2
+# (2-D masks only: no split, no cache, only the fused ops)
+kernels=(sdpa)
+python -c 'import flash_attn' 2>/dev/null && kernels+=(flash_attention_2)
+for kernel in "${kernels[@]}"; do
+  timeout 200 python benchmarks/bench_step.py --device cuda --dtype bf16 --attn "$kernel" --rounds 3 --steps 4 \
+    --batch 32 --backbones "$out/bench_bb" | tee "$out/bench_step_$kernel.txt" || echo "gpu_check: bench_step $kernel failed"
+done
 
 [ -f "$out/bb/config.json" ] || timeout 120 fusion-dist make-backbone --arch llama --preset smollm2-1.7b --out "$out/bb"
 if [ ! -f "$out/mosi/manifest.json" ]; then

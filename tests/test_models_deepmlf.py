@@ -214,9 +214,9 @@ def test_reference_switches_cross_attention_scale_fusion_positions_and_encoder_n
     assert count(with_norm) - count(without) == 2 * 2 * with_norm.cfg.av.d_enc  # a LayerNorm per modality
 
 
-def test_fused_gelu_computes_gpt2s_gelu_new(backbones):
-    """``model.fused_activations``: GPT-2's element-wise gelu_new becomes PyTorch's fused tanh GELU, in the frozen LM
-    and in the FFW copies, and the model computes the same function."""
+def test_fused_ops_compute_the_same_function(backbones):
+    """``model.fused_ops``: GPT-2's element-wise gelu_new becomes PyTorch's fused tanh GELU, in the frozen LM
+    and in the FFW copies, the LM loss runs at real token pairs only, and the model computes the same function."""
     from transformers.activations import NewGELUActivation
 
     x = torch.randn(16, 48, 256) * 4
@@ -225,12 +225,17 @@ def test_fused_gelu_computes_gpt2s_gelu_new(backbones):
     torch.manual_seed(0)
     on = build_model(tiny_cfg(backbones["gpt2"]), AUDIO_DIM, VISION_DIM).eval()
     torch.manual_seed(0)
-    off = build_model(tiny_cfg(backbones["gpt2"], fused_activations=False), AUDIO_DIM, VISION_DIM).eval()
+    off = build_model(tiny_cfg(backbones["gpt2"], fused_ops=False), AUDIO_DIM, VISION_DIM).eval()
     kinds = lambda m: {type(a).__name__ for a in m.modules() if "GELU" in type(a).__name__}  # noqa: E731
     assert kinds(on) == {"GELU"} and "NewGELUActivation" in kinds(off)
     assert any(isinstance(a, torch.nn.GELU) for a in on.mm_blocks["1"].ffw.modules())
     batch = make_batch(on.tokenizer)
+    assert not batch["attention_mask"].all()  # padding, which the fused LM loss skips
     torch.testing.assert_close(on(batch).prediction, off(batch).prediction, atol=1e-5, rtol=1e-5)
+    on.train(), off.train()
+    for model in (on, off):
+        model.mm_blocks.apply(lambda m: setattr(m, "p", 0.0) if isinstance(m, torch.nn.Dropout) else None)
+    torch.testing.assert_close(on(batch).losses["lm"], off(batch).losses["lm"], atol=1e-5, rtol=1e-5)
 
 
 def test_the_lm_loss_is_a_training_term_only(backbones):

@@ -148,11 +148,14 @@ def test_unimodal_labels_are_the_targets_of_the_unimodal_heads(backbones, family
             assert torch.equal(v, plain[k]), k
 
 
+@pytest.mark.parametrize("mm_layers", [[2, 3], []])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("family", ["deepmlf", "dmpf"])
-def test_frozen_prefix_split_gives_the_full_sequences_loss_and_gradients(backbones, arch, family, monkeypatch):
-    """``model.prefix_split``: the layers before the first MM block run the text without autograd and the fusion
-    tokens on its detached keys / values; loss and every trainable gradient equal the full path's (fp32 rounding)."""
+def test_frozen_prefix_split_gives_the_full_sequences_loss_and_gradients(backbones, arch, family, mm_layers,
+                                                                          monkeypatch):
+    """``model.prefix_split``: the layers up to the first MM block (all of them without MM blocks) run the text
+    without autograd and the fusion tokens on its detached keys / values; loss and every trainable gradient equal
+    the full path's (fp32 rounding)."""
     import fusion_dist.models.fusion_lm as fusion_lm
 
     calls, grads = [], {}
@@ -160,13 +163,13 @@ def test_frozen_prefix_split_gives_the_full_sequences_loss_and_gradients(backbon
     monkeypatch.setattr(fusion_lm, "run_prefix", lambda *a: calls.append(split) or run_prefix(*a))
     for split in (False, True):
         torch.manual_seed(0)
-        model = build_model(tiny_cfg(backbones[arch], family, mm_layers=[2, 3], prefix_split=split),
+        model = build_model(tiny_cfg(backbones[arch], family, mm_layers=mm_layers, prefix_split=split),
                             AUDIO_DIM, VISION_DIM).train()
         out = model(make_batch(model.tokenizer))
         out.loss.backward()
         grads[split] = {"loss": out.loss.detach(), **{n: p.grad for n, p in model.named_parameters() if p.requires_grad}}
     assert calls == [True]
-    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 10
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > (10 if mm_layers else 4)
     for name, full in grads[False].items():
         assert full is not None, name
         torch.testing.assert_close(grads[True][name], full, rtol=1e-4, atol=1e-6 * (1 + full.abs().max().item()),
@@ -175,11 +178,12 @@ def test_frozen_prefix_split_gives_the_full_sequences_loss_and_gradients(backbon
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("family", ["deepmlf", "dmpf"])
-def test_prefix_cache_reuses_each_transcript_exactly_whatever_its_batch(backbones, arch, family):
-    """``train.prefix_cache=auto``: a transcript's prefix states, kept from one batch, serve it in a batch of other
-    length and padding; loss and gradients equal the uncached model's. A text augmentation turns it off in training,
-    not in evaluation."""
-    from fusion_dist.models.prefix import PrefixCache
+def test_prefix_cache_serves_each_transcript_exactly_whatever_its_batch(backbones, arch, family, tmp_path):
+    """``train.prefix_cache``: transcripts computed once, in chunks of one length, serve them in batches of any
+    length and padding; loss and gradients equal the uncached model's. The on-disk store (parts written by
+    different ranks) holds the same numbers as the in-memory one. A text augmentation keeps it out of training,
+    not out of evaluation; a transcript it does not hold falls back to the uncached path."""
+    from fusion_dist.models.prefix import PrefixCache, chunks
     from model_helpers import TEXTS
 
     def run(model, texts):
@@ -190,44 +194,51 @@ def test_prefix_cache_reuses_each_transcript_exactly_whatever_its_batch(backbone
         return {"loss": out.loss.detach(), **{n: p.grad.clone() for n, p in model.named_parameters()
                                               if p.requires_grad and p.grad is not None}}
 
+    def close(got, want):
+        assert got.keys() == want.keys()
+        for name, full in want.items():
+            torch.testing.assert_close(got[name], full, rtol=1e-4, atol=1e-5 * (1 + full.abs().max().item()),
+                                       msg=lambda m, name=name: f"{name}: {m}")
+
     torch.manual_seed(0)
     cfg = tiny_cfg(backbones[arch], family, mm_layers=[2, 3])
     cached, plain = build_model(cfg, AUDIO_DIM, VISION_DIM).train(), build_model(cfg, AUDIO_DIM, VISION_DIM).train()
     plain.load_state_dict(cached.state_dict())
-    cached.prefix_cache = cache = PrefixCache()
-    filled = []
-    fill = cache.fill
-    cache.fill = lambda keys, *a: filled.append(sum(k not in cache.entries for k in keys)) or fill(keys, *a)
-    first = run(cached, TEXTS)  # fills
-    assert len(cache.entries) == len(TEXTS) and cache.bytes > 0
-    later = [TEXTS[3], TEXTS[1]]  # shorter than the first batch: other length, other padding
-    got, want = run(cached, later), run(plain, later)
-    assert filled == [len(TEXTS), 0]
-    for name, full in want.items():
-        torch.testing.assert_close(got[name], full, rtol=1e-4, atol=1e-6 * (1 + full.abs().max().item()), msg=name)
-    # an entry is the same number whichever batch computed it: a fresh cache gives the first batch bitwise again
-    cached.prefix_cache = PrefixCache()
-    run(cached, later)
-    again = run(cached, TEXTS)
-    assert all(torch.equal(again[k], first[k]) for k in first)
+    batch = make_batch(cached.tokenizer, TEXTS)
+    work = chunks(PrefixCache.keys(batch["input_ids"], batch["attention_mask"].bool()) * 2)
+    assert sum(map(len, work)) == len(TEXTS) and all(len({len(k) for k in c}) == 1 for c in work)
+    layout = cached.prefix_rows(torch.tensor([work[0][0]]))[1]
+    assert layout.layers == 3  # up to the first MM block: after layer 2
+    memory = PrefixCache.compute(cached.prefix_rows, work, layout)
+    for part in (0, 1):  # two ranks' shares
+        PrefixCache.write_part(tmp_path, part, cached.prefix_rows, work[part::2])
+    PrefixCache.write_meta(tmp_path, layout, 2, {"made": "here"})
+    disk = PrefixCache.open(tmp_path)
+    assert len(disk) == len(memory) == len(TEXTS) and disk.bytes == memory.bytes > 0
+    assert PrefixCache.identity_of(tmp_path) == {"made": "here"}
+    lookups = []
+    for cache in (memory, disk):
+        lookup = cache.lookup
+        cache.lookup = lambda *a, lookup=lookup: lookups.append(1) or lookup(*a)
+    results = {}
+    for texts in (TEXTS, [TEXTS[3], TEXTS[1]]):  # the second batch is shorter: other length, other padding
+        want = run(plain, texts)
+        for name, cache in (("memory", memory), ("disk", disk)):
+            cached.prefix_cache = cache
+            results[name] = run(cached, texts)
+            close(results[name], want)
+        assert all(torch.equal(results["memory"][k], results["disk"][k]) for k in want)
+    assert len(lookups) == 4
+    cached.prefix_cache = memory
+    unknown = ["a transcript the cache does not hold", TEXTS[0]]
+    close(run(cached, unknown), run(plain, unknown))
+    assert len(lookups) == 4
     augmented = build_model(tiny_cfg(backbones[arch], family, mm_layers=[2, 3], augment__kind="seqaug"),
                             AUDIO_DIM, VISION_DIM)
     assert cached.deterministic_text and not augmented.deterministic_text
-    augmented.prefix_cache = PrefixCache()
+    augmented.prefix_cache = memory
     augmented.train()(make_batch(augmented.tokenizer))
-    assert not augmented.prefix_cache.entries
+    assert len(lookups) == 4
     with torch.no_grad():
         augmented.eval()(make_batch(augmented.tokenizer))
-    assert len(augmented.prefix_cache.entries) == len(TEXTS)
-
-
-def test_prefix_cache_is_on_by_default_except_under_zero3(backbones):
-    """ZeRO-3 ranks gather each layer together: a cache filling what one rank has not seen would desynchronise them."""
-    from fusion_dist.config import Config, DataConfig
-    from fusion_dist.models.build import build_for_stage
-
-    dims = {"audio": AUDIO_DIM, "vision": VISION_DIM}
-    for zero, prefix_cache, on in ((2, "auto", True), (3, "auto", False), (2, "off", False)):
-        cfg = Config(data=DataConfig(root="unused"), model=tiny_cfg(backbones["gpt2"]))
-        cfg.train.zero_stage, cfg.train.prefix_cache = zero, prefix_cache
-        assert (build_for_stage(cfg, "train", dims).prefix_cache is not None) == on, (zero, prefix_cache)
+    assert len(lookups) == 5

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from fusion_dist.config.schema import (
-    CLIP_MODES, SCHEDULES, UNIMODAL_AUX, UNIMODAL_INITS, Config, ConfigError, PretrainConfig,
+    CLIP_MODES, PREFIX_CACHES, SCHEDULES, UNIMODAL_AUX, UNIMODAL_INITS, Config, ConfigError, PretrainConfig,
 )
 
 
@@ -97,7 +97,8 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("train.min_lr", lambda v: v >= 0, ">= 0"),
     ("train.plateau_factor", lambda v: 0 < v < 1, "in (0, 1)"),
     ("train.plateau_patience", lambda v: v >= 0, ">= 0"),
-    ("train.prefix_cache", lambda v: v in ("auto", "off"), "auto or off"),
+    ("train.prefix_cache", lambda v: v in PREFIX_CACHES, f"one of {', '.join(PREFIX_CACHES)}"),
+    ("train.prefix_cache_memory_gb", lambda v: v >= 0, ">= 0"),
     ("train.grad_clip_mode", lambda v: v in CLIP_MODES, f"one of {', '.join(CLIP_MODES)}"),
     ("train.checkpoint_every_steps", lambda v: v >= 0, ">= 0 (0: only at epoch ends)"),
     ("train.keep_last", lambda v: v >= 0, ">= 0"),

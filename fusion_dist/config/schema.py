@@ -183,12 +183,11 @@ class ModelConfig:
     dropout: float = 0.1
     """Dropout in MM blocks and heads."""
     prefix_split: bool = True
-    """Train the decoder layers before the first MM block with autograd over the fusion tokens only (the text's
-    states there depend on nothing trainable): exact, and about half their cost. Needs a kernel that takes a 4-D
-    mask (sdpa, eager); ``false`` runs the whole sequence with autograd."""
-    fused_activations: bool = True
-    """Run GPT-2-family backbones' ``gelu_new`` (and their FFW copies') as PyTorch's fused tanh GELU: the same
-    function, several times faster (``false``: transformers' own element-wise ops)."""
+    """Train the decoder layers up to the first MM block with autograd over the fusion tokens only (exact: the text
+    there depends on nothing trainable). Needs a 4-D mask kernel (sdpa, eager); ``false``: the whole sequence."""
+    fused_ops: bool = True
+    """The same functions, faster: GPT-2's ``gelu_new`` (LM and FFW copies) as the fused tanh GELU; the LM loss's
+    logits at real token pairs only, one 2-D matmul (``false``: element-wise ops; every position, batched)."""
     lm_dropout: bool = False
     """Run the frozen LM's own dropout at train time (its weights stay frozen). The reference runs GPT-2 this way
     (0.1 on residuals, attention and embeddings); ``false`` runs it as at inference. Llama-family backbones such
@@ -256,10 +255,12 @@ class TrainConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0-3."""
     prefix_cache: str = "auto"
-    """``auto``: keep each transcript's states through the frozen layers before the first MM block (CPU memory) and
-    run only the fusion tokens there when it comes again: in evaluation always, in training where that is exact (no
-    text augmentation, no LM dropout), except under ZeRO-3 (its ranks must make the same layer calls). The epoch
-    lines say its size. ``off``: recompute every time."""
+    """Each transcript's states through the frozen layers up to the first MM block, computed once before training
+    and reused where exact (evaluation; training without text augmentation or LM dropout). ``memory``: each rank's
+    CPU memory; ``disk``: ``<run.dir>/prefix_cache/``, mapped by every rank, never used for another backbone or
+    dataset; ``auto``: memory up to ``prefix_cache_memory_gb``, else disk if it fits, else off; ``off``."""
+    prefix_cache_memory_gb: float = 2.0
+    """``prefix_cache=auto``: the largest cache kept in each rank's memory (GiB); larger ones go to disk."""
     activation_checkpointing: str = "none"
     """Recompute activations in backward instead of keeping them: ``none``, ``lm`` (the frozen decoder layers) or
     ``all`` (also the MM blocks). Saves activation memory for about one more forward pass per step."""
@@ -364,6 +365,7 @@ class Config:
 
 SCHEDULES = ("cosine", "plateau")
 CLIP_MODES = ("norm", "value")
+PREFIX_CACHES = ("auto", "memory", "disk", "off")
 UNIMODAL_INITS = ("random", "stage1")
 UNIMODAL_AUX = ("tokens", "encoders")
 

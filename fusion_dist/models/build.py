@@ -23,7 +23,6 @@ from fusion_dist.models.backbone import (
 from fusion_dist.models.deepmlf import DeepMLF
 from fusion_dist.models.dmpf import DMPF, MASK_PRESETS, TASK_HEADS
 from fusion_dist.models.fusion_lm import FusionLM
-from fusion_dist.models.prefix import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +111,6 @@ def build_for_stage(cfg: Config, stage: str, dims: dict[str, int], meta: bool = 
         return cast_parameters(model, dtype)
     model = build_model(cfg.model, dims["audio"], dims["vision"], meta=meta, dtype=dtype)
     model.activation_checkpointing = cfg.train.activation_checkpointing
-    # ZeRO-3 ranks gather each layer's weights together, so every rank must make the same layer calls: a cache
-    # that computes the transcripts a rank has not seen yet would make them differ
-    if cfg.train.prefix_cache == "auto" and cfg.train.zero_stage != 3:
-        model.prefix_cache = PrefixCache()
     return model
 
 

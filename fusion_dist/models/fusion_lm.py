@@ -25,7 +25,7 @@ from fusion_dist.config import ModelConfig
 from fusion_dist.errors import UserError
 from fusion_dist.models.augment import TextAugment
 from fusion_dist.models.backbone import LMAdapter, fuse_activations, lm_dropout_rate
-from fusion_dist.models.prefix import PrefixCache, run_prefix
+from fusion_dist.models.prefix import KeepKV, PrefixCache, RowLayout, run_prefix
 
 
 UNIMODAL_TARGETS = {"t": "label_T", "a": "label_A", "v": "label_V"}  # aux head -> its unimodal label
@@ -78,7 +78,7 @@ class FusionLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.lm = lm
-        if cfg.fused_activations:
+        if cfg.fused_ops:
             fuse_activations(lm)
         self.adapter = LMAdapter(lm)
         self.tokenizer = tokenizer
@@ -87,7 +87,7 @@ class FusionLM(nn.Module):
         self.mm_blocks = nn.ModuleDict()
         self.frozen_encoders: list[str] = []  # attributes kept frozen and in eval mode (pretrained+frozen)
         self.activation_checkpointing = "none"  # train.activation_checkpointing: none | lm | all
-        self.prefix_cache: PrefixCache | None = None  # train.prefix_cache=auto: set by build_for_stage
+        self.prefix_cache: PrefixCache | None = None  # train.prefix_cache: set by the trainer (train/prefix_cache.py)
         # the text's path through the frozen LM is the same every time it is seen, in training too
         self.deterministic_text = (cfg.augment.kind == "none" or cfg.augment.p_apply == 0) and not (
             cfg.lm_dropout and lm_dropout_rate(lm) > 0)
@@ -131,26 +131,59 @@ class FusionLM(nn.Module):
         recompute_lm = recompute and self.activation_checkpointing in ("lm", "all")
         recompute_mm = recompute and self.activation_checkpointing == "all"
         # the frozen prefix (fusion_dist/models/prefix.py): split in training, cached where its text is deterministic
-        first = min((int(i) for i in self.mm_blocks), default=0)
-        prefix = first > 0 and self.attn_kernel != "flash_attention_2"
-        cache = self.prefix_cache if prefix and (not self.training or self.deterministic_text) else None
-        split = prefix and (cache is not None or (self.cfg.prefix_split and torch.is_grad_enabled()))
+        n_prefix = self.prefix_layers
+        cache = self.prefix_cache if n_prefix and (not self.training or self.deterministic_text) else None
+        keys = PrefixCache.keys(input_ids, text_valid) if cache is not None else None
+        if keys is not None and not cache.has(keys):  # a transcript from outside the cached splits
+            cache = keys = None
+        split = n_prefix > 0 and (cache is not None or (self.cfg.prefix_split and torch.is_grad_enabled()))
         if split:
-            keys = PrefixCache.keys(input_ids, text_valid) if cache is not None else None
             h = run_prefix(self.adapter.layers, self.adapter.cache_argument, self.adapter.layer_kwargs, h, mask,
-                           position_ids, T, first, cache, keys)
+                           position_ids, T, n_prefix, cache, keys)
         for i, layer in enumerate(self.adapter.layers):
-            if split and i < first:
-                continue
-            h = _call(layer, recompute_lm, h, attention_mask=mask, **layer_kwargs)
+            if not (split and i < n_prefix):
+                h = _call(layer, recompute_lm, h, attention_mask=mask, **layer_kwargs)
             if str(i) in self.mm_blocks:
                 h = _call(self.mm_blocks[str(i)], recompute_mm, h, queries, contexts)
         return self.adapter.final_norm(h)
 
+    @property
+    def prefix_layers(self) -> int:
+        """The frozen prefix's depth: the decoder layers up to and including the first one with an MM block after it
+        (the text reaches nothing trainable before that block); all of them without MM blocks. 0 under
+        flash_attention_2, whose 2-D masks cannot express the split's fusion calls."""
+        if self.attn_kernel == "flash_attention_2":
+            return 0
+        return min((int(i) + 1 for i in self.mm_blocks), default=self.adapter.num_layers)
+
+    @torch.no_grad()
+    def prefix_rows(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, RowLayout]:
+        """The prefix cache's rows (prefix.py) of ``c`` transcripts of one length, ``input_ids`` (c, n) all real."""
+        c, n = input_ids.shape
+        lm_mode = self.lm.training
+        self.lm.eval()  # the LM's own dropout never reaches the cache
+        try:
+            valid = torch.ones_like(input_ids, dtype=torch.bool)
+            position_ids = torch.arange(n, device=input_ids.device).expand(c, n)
+            h = self.adapter.add_positions(self.adapter.embed(input_ids), position_ids)
+            mask = group_attention_mask(valid, [], torch.ones(1, 1, dtype=torch.bool), h.dtype)
+            kept = KeepKV()
+            for layer in self.adapter.layers[:self.prefix_layers]:
+                h = layer(h, attention_mask=mask, **self.adapter.layer_kwargs(h, position_ids),
+                          **{self.adapter.cache_argument: kept})
+        finally:
+            self.lm.train(lm_mode)
+        layout = RowLayout.of(kept, h)
+        return layout.rows(kept, h), layout
+
     def lm_loss(self, text_states: torch.Tensor, input_ids: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
         """Next-token cross-entropy of the frozen LM head on the transcript (pairs of real tokens only)."""
+        pairs = text_valid[:, 1:] & text_valid[:, :-1]
+        if self.cfg.fused_ops:  # a (B, T) slice of the sequence would run as a batched matmul, padding included
+            logits = self.adapter.lm_head(text_states[:, :-1][pairs]).float()
+            return F.cross_entropy(logits, input_ids[:, 1:][pairs])
         logits = self.adapter.lm_head(text_states[:, :-1]).float()
-        target = input_ids[:, 1:].masked_fill(~(text_valid[:, 1:] & text_valid[:, :-1]), -100)
+        target = input_ids[:, 1:].masked_fill(~pairs, -100)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
 
     # ----------------------------------------------------------------- losses

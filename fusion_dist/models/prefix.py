@@ -1,18 +1,20 @@
-"""The frozen prefix: the decoder layers before the first MM block, where the text depends on the transcript alone.
+"""The frozen prefix: the decoder layers up to the first MM block, where the text depends on the transcript alone.
 
-Text never attends to fusion tokens and nothing trainable acts on it before the first MM block, so there:
+Text never attends to fusion tokens and nothing trainable acts on it before the first MM block (the block after
+layer ``l`` first changes what layer ``l`` wrote; without MM blocks nothing ever does), so there:
 
 - **split** (``model.prefix_split``): each layer runs the text without autograd, keeping its keys / values, then the
   fusion tokens, which attend to those (detached) and to their own. Result and gradients are the full sequence's to
   float rounding; training skips the backward of every text position there.
-- **cache** (``train.prefix_cache=auto``, not under ZeRO-3, whose ranks must make the same layer calls): where the
-  text's path is deterministic (evaluation always; training without text augmentation and without the LM's own
-  dropout), each transcript's per-layer keys / values and its
-  states after the prefix are kept in CPU memory, keyed by its token ids, and the prefix runs only the fusion
-  tokens. A transcript seen for the first time is computed alone (no padding, no batch), so its entry is the same
-  number whichever batch brings it: a run resumed with an empty cache trains exactly as the uninterrupted one. Only
-  real positions are kept: a batch's padding rows are zeros, which nothing reads (padding keys are masked, padding
-  states feed no loss and no prediction).
+- **cache** (``train.prefix_cache``, built by ``fusion_dist/train/prefix_cache.py``): where the text's path is
+  deterministic (evaluation always; training without text augmentation and without the LM's own dropout), every
+  transcript's per-layer keys / values and its states after the prefix are computed once, before training, and
+  the prefix runs only the fusion tokens. A transcript is a *row block*: one row per real token of ``width`` values,
+  ``[layer 0 keys | layer 0 values | layer 1 keys | ... | states]``, in the model's dtype. Transcripts of one length
+  are computed together in fixed chunks (no padding), so an entry is the same number on any number of ranks and in
+  any run that rebuilds it. Rows live in CPU memory or in files mapped from disk; a batch is assembled with one
+  gather per file, left-aligned, zeros at padding (nothing reads them: padding keys are masked, padding states feed
+  no loss and no prediction).
 
 The decoder layers take these objects as their KV cache: HF attention calls ``update(keys, values, layer_idx)`` and
 attends to what it returns.
@@ -20,7 +22,13 @@ attends to what it returns.
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
 import torch
+
+CHUNK = 32  # transcripts of one length computed together (a fixed size: entries do not depend on the world size)
 
 
 class KeepKV:
@@ -45,55 +53,148 @@ class AfterTextKV:
         return torch.cat([text_keys, keys], -2), torch.cat([text_values, values], -2)
 
 
-class PrefixCache:
-    """Per transcript (its real token ids): the prefix layers' keys / values and the states after the prefix."""
+@dataclass(frozen=True)
+class RowLayout:
+    """What a row holds: ``layers`` x (keys, values) of ``kv_heads`` x ``head_dim``, then ``hidden`` states."""
 
-    def __init__(self):
-        self.entries: dict[tuple, tuple[list, torch.Tensor]] = {}
-        self.bytes = 0
+    layers: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    dtype: str
+
+    @property
+    def width(self) -> int:
+        return self.layers * 2 * self.kv_heads * self.head_dim + self.hidden
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def rows(self, kept: KeepKV, states: torch.Tensor) -> torch.Tensor:
+        """(c, n, width) rows of ``c`` transcripts of ``n`` tokens: their kept keys / values and states."""
+        c, n, _ = states.shape
+        parts = [t.transpose(1, 2).reshape(c, n, -1) for i in range(self.layers) for t in kept.layers[i]]
+        return torch.cat([*parts, states], -1)
+
+    @classmethod
+    def of(cls, kept: KeepKV, states: torch.Tensor) -> RowLayout:
+        keys = kept.layers[0][0]  # (c, kv_heads, n, head_dim)
+        return cls(len(kept.layers), keys.shape[1], keys.shape[3], states.shape[-1], str(states.dtype).split(".")[-1])
+
+
+def chunks(keys) -> list[list[tuple]]:
+    """The distinct transcripts in a fixed order (by length, then ids), cut into chunks of one length."""
+    out: list[list[tuple]] = []
+    for key in sorted(set(keys), key=lambda k: (len(k), k)):
+        if out and len(out[-1][0]) == len(key) and len(out[-1]) < CHUNK:
+            out[-1].append(key)
+        else:
+            out.append([key])
+    return out
+
+
+class PrefixCache:
+    """Row blocks of transcripts (keyed by their real token ids) in ``parts`` (tensors or mapped files)."""
+
+    def __init__(self, layout: RowLayout, parts: list[torch.Tensor], index: dict[tuple, tuple[int, int]]):
+        self.layout, self.parts, self.index = layout, parts, index
+
+    @property
+    def bytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def __len__(self) -> int:
+        return len(self.index)
 
     @staticmethod
     def keys(input_ids: torch.Tensor, text_valid: torch.Tensor) -> list[tuple]:
         return [tuple(ids[valid].tolist()) for ids, valid in zip(input_ids, text_valid)]
 
-    def lookup(self, keys: list[tuple], like: torch.Tensor, n_layers: int) -> tuple[torch.Tensor, KeepKV]:
+    def has(self, keys: list[tuple]) -> bool:
+        return all(k in self.index for k in keys)
+
+    @classmethod
+    def compute(cls, rows_of, work: list[list[tuple]], layout: RowLayout, progress=None) -> PrefixCache:
+        """Every chunk of ``work`` computed here, into CPU memory. ``rows_of(ids) -> (rows, layout)``."""
+        tensors, index, start = [], {}, 0
+        for done, chunk in enumerate(work):
+            rows, _ = rows_of(torch.tensor(chunk))
+            tensors.append(rows.reshape(-1, rows.shape[-1]).cpu())
+            for key in chunk:
+                index[key] = (0, start)
+                start += len(key)
+            if progress:
+                progress(done + 1)
+        return cls(layout, [torch.cat(tensors) if tensors else torch.empty(0, layout.width)], index)
+
+    # ------------------------------------------------------------------ the on-disk store
+
+    @staticmethod
+    def write_part(directory: Path, part: int, rows_of, work: list[list[tuple]], progress=None) -> None:
+        """Compute ``work`` and write it as ``part-<part>.bin`` (raw rows) + ``part-<part>.json`` (its index)."""
+        index, start = [], 0
+        with (directory / f"part-{part}.bin").open("wb") as fh:
+            for done, chunk in enumerate(work):
+                rows, _ = rows_of(torch.tensor(chunk))
+                fh.write(rows.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                for key in chunk:
+                    index.append([list(key), start])
+                    start += len(key)
+                if progress:
+                    progress(done + 1)
+        (directory / f"part-{part}.json").write_text(json.dumps({"rows": start, "index": index}))
+
+    @staticmethod
+    def write_meta(directory: Path, layout: RowLayout, parts: int, identity: dict) -> None:
+        (directory / "meta.json").write_text(json.dumps({"layout": asdict(layout), "parts": parts,
+                                                          "identity": identity}, indent=1))
+
+    @staticmethod
+    def identity_of(directory: Path) -> dict | None:
+        """What a store was computed from, or None when it is missing or unfinished."""
+        meta = directory / "meta.json"
+        return json.loads(meta.read_text())["identity"] if meta.is_file() else None
+
+    @classmethod
+    def open(cls, directory: Path) -> PrefixCache:
+        """A finished store, its files mapped (read-only pages shared by every process of the node)."""
+        meta = json.loads((directory / "meta.json").read_text())
+        layout = RowLayout(**meta["layout"])
+        parts, index = [], {}
+        for p in range(meta["parts"]):
+            part = json.loads((directory / f"part-{p}.json").read_text())
+            if not part["rows"]:
+                parts.append(torch.empty(0, layout.width, dtype=layout.torch_dtype))
+                continue
+            parts.append(torch.from_file(str(directory / f"part-{p}.bin"), shared=False,
+                                         size=part["rows"] * layout.width, dtype=layout.torch_dtype)
+                         .view(-1, layout.width))
+            index.update({tuple(key): (p, start) for key, start in part["index"]})
+        return cls(layout, parts, index)
+
+    # ------------------------------------------------------------------ a batch
+
+    def lookup(self, keys: list[tuple], like: torch.Tensor) -> tuple[torch.Tensor, KeepKV]:
         """The batch's text states and keys / values (left-aligned, zeros at padding); every transcript is known."""
         B, T, _ = like.shape
-        text, kv = like.new_zeros(like.shape), KeepKV()
+        lay = self.layout
+        src: dict[int, list[torch.Tensor]] = {}
+        dst: dict[int, list[torch.Tensor]] = {}
         for b, key in enumerate(keys):
-            n = len(key)
-            text[b, T - n:] = self.entries[key][1].to(like.device)
-        for i in range(n_layers):
-            first = self.entries[keys[0]][0][i][0]
-            k = like.new_zeros((B, first.shape[0], T, first.shape[-1]))
-            v = torch.zeros_like(k)
-            for b, key in enumerate(keys):
-                n = len(key)
-                ck, cv = self.entries[key][0][i]
-                k[b, :, T - n:], v[b, :, T - n:] = ck.to(like.device), cv.to(like.device)
+            part, start = self.index[key]
+            src.setdefault(part, []).append(torch.arange(start, start + len(key)))
+            dst.setdefault(part, []).append(torch.arange((b + 1) * T - len(key), (b + 1) * T))
+        out = like.new_zeros(B * T, lay.width)
+        for part, rows in src.items():
+            out[torch.cat(dst[part]).to(like.device)] = self.parts[part][torch.cat(rows)].to(like.device)
+        out = out.view(B, T, lay.width)
+        kv, per = KeepKV(), lay.kv_heads * lay.head_dim
+        for i in range(lay.layers):
+            k, v = (out[..., (2 * i + j) * per:(2 * i + j + 1) * per].view(B, T, lay.kv_heads, lay.head_dim)
+                    .transpose(1, 2) for j in (0, 1))
             kv.layers[i] = k, v
-        return text, kv
-
-    @torch.no_grad()
-    def fill(self, keys: list[tuple], layers, cache_argument: str, layer_kwargs, text: torch.Tensor,
-             mask: torch.Tensor, position_ids: torch.Tensor, n_layers: int) -> None:
-        """Compute and keep the transcripts of the batch not known yet, each alone (its real positions only), layer
-        by layer (ZeRO-3 gathers each layer once)."""
-        T = text.shape[1]
-        todo = {key: b for b, key in enumerate(keys) if key not in self.entries}
-        rows = {key: slice(T - len(key), T) for key in todo}
-        states = {key: text[b:b + 1, rows[key]] for key, b in todo.items()}
-        kept = {key: KeepKV() for key in todo}
-        for layer in layers[:n_layers]:
-            for key, b in todo.items():
-                r = rows[key]
-                states[key] = layer(states[key], attention_mask=mask[b:b + 1, :, r, r],
-                                    **layer_kwargs(states[key], position_ids[b:b + 1, r]), **{cache_argument: kept[key]})
-        for key in todo:
-            entry = ([tuple(t[0].to("cpu", copy=True) for t in kept[key].layers[i]) for i in range(n_layers)],
-                     states[key][0].to("cpu", copy=True))
-            self.entries[key] = entry
-            self.bytes += entry[1].nbytes + sum(t.nbytes for pair in entry[0] for t in pair)
+        return out[..., lay.width - lay.hidden:], kv
 
 
 def run_prefix(layers, cache_argument: str, layer_kwargs, h: torch.Tensor, mask: torch.Tensor,
@@ -103,8 +204,7 @@ def run_prefix(layers, cache_argument: str, layer_kwargs, h: torch.Tensor, mask:
     ``cache`` when given. ``layer_kwargs(states, position_ids)``: the backbone's per-forward layer arguments."""
     text, fusion = h[:, :T], h[:, T:]
     if cache is not None:
-        cache.fill(keys, layers, cache_argument, layer_kwargs, text, mask, position_ids, n_layers)
-        text, text_kv = cache.lookup(keys, text, n_layers)
+        text, text_kv = cache.lookup(keys, text)
     else:
         text_kv = KeepKV()
         text_kwargs = {**layer_kwargs(text, position_ids[:, :T]), cache_argument: text_kv}

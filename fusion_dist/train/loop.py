@@ -34,6 +34,7 @@ from fusion_dist.models.build import build_for_stage
 from fusion_dist.predict import collator_for, evaluate_split, to_device, write_predictions
 from fusion_dist.rundir import KEY_METRIC, TRAINABLE, RunDir, atomic_write, write_json
 from fusion_dist.train import engine as E
+from fusion_dist.train import prefix_cache
 from fusion_dist.train.checkpoint import Checkpoints, TrainState, load_weights
 
 
@@ -139,6 +140,9 @@ class SeedRun:
         self.state = TrainState(tracking={"parent": self.tracker.parent_run_id, "child": None})
         self.engine = E.initialize(model, t, self.ds_config, self.steps_per_epoch,
                                    plateau_scale=lambda: self.state.plateau.scale)
+        if hasattr(model, "prefix_cache"):  # stage 2: the frozen prefix, computed once (train/prefix_cache.py)
+            model.prefix_cache = prefix_cache.prepare(model, cfg, self.data, self.collator, self.run_dir,
+                                                      self.manifest, denv, self.engine.device)
         self.metrics = StepMetrics(self.run_dir.history(self.seed), self.tracker, denv, t.log_every_steps,
                                    t.global_batch_size, self.steps_per_epoch)
         self.reported = False
@@ -217,10 +221,6 @@ class SeedRun:
                  f" | best {KEY_METRIC} {es.best:.4f} ({es.best_tag})" +
                  (f" | early stop after {es.bad_epochs} epochs without improvement" if es.stop else ""))
         self.tracker.log_metrics({f"valid/{k}": v for k, v in valid.items() if math.isfinite(v)}, state.global_step)
-        cache = getattr(self.engine.module, "prefix_cache", None)
-        if cache is not None and cache.entries:
-            log.info(f"prefix cache: {len(cache.entries)} transcripts, {cache.bytes / 2**20:.1f} MiB of CPU memory "
-                     f"on rank 0 (train.prefix_cache=off to recompute instead)")
         state.epoch += 1
         state.step_in_epoch = 0
         self.ckpt.save(self.engine, tag, state, self.denv)

@@ -32,7 +32,9 @@ def llama(tmp_path_factory) -> Path:
 
 def args_for(engine_inputs, llama, family: str, stage: int, run_dir: Path) -> list[str]:
     config, *extra = FAMILIES[family]
-    args = base_args(engine_inputs, run_dir, *COMMON, f"train.zero_stage={stage}", *extra)
+    # ZeRO-3 with the prefix cache on disk: every rank computes its share, with the same layer calls
+    cache = ["train.prefix_cache=disk"] if stage == 3 else []
+    args = base_args(engine_inputs, run_dir, *COMMON, f"train.zero_stage={stage}", *cache, *extra)
     args[0] = config
     return args + ([f"model.backbone={llama}"] if family == "dmpf" else [])
 
@@ -87,6 +89,8 @@ def test_bf16_trains_checkpoints_trainable_state_only_and_resumes_exactly(engine
     (resumed / "checkpoints/seed0/latest").write_text("step5")
     r = run_cli("train", args_for(engine_inputs, llama, family, stage, resumed), ranks=2)
     assert r.returncode == 0 and "resumed from step5" in r.stdout, r.stdout[-4000:]
+    if stage == 3 and family == "deepmlf+lora":  # DMPF's first MM block is after layer 0: no prefix
+        assert "(reused)" in r.stdout and len(list((resumed / "prefix_cache").iterdir())) == 1
     assert [row["loss"] for row in history(resumed)] == loss
     a, b = (load_file(str(d / "checkpoints/seed0" / tag / "trainable.safetensors")) for d in (run_dir, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
