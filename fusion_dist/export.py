@@ -7,8 +7,10 @@ An export directory holds:
   heads) and the AV encoder(s), also when they were kept frozen (``pretrained+frozen``), so the
   export alone rebuilds the model. Never the backbone.
 - ``config.yaml``: the resolved run config; ``export.json``: stage, feature dims, metric set and
-  the backbone reference (name or path, and for a local directory a fingerprint of its files, so a
-  different backbone at the same path is refused).
+  the backbone reference: a hub name, or for a local directory its absolute path and a fingerprint of its
+  files. The fingerprint is the identity: the backbone loads from any directory that has it (``locate_backbone``),
+  and a different backbone at the recorded path is refused.
+- ``backbone/`` (optional, ``fusion-dist register --bundle-backbone``): a copy of the backbone, used first.
 - Stage 1 (``pretrain-av``) exports also hold ``av_encoder.safetensors`` in the format
   ``model.av.checkpoint`` of stage 2 reads.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -38,19 +41,19 @@ from fusion_dist.rundir import RunDir
 
 WEIGHTS = "model.safetensors"
 META = "export.json"
+BUNDLED = "backbone"  # an export's own copy of its backbone
+SEARCH_ENV = "FUSION_DIST_BACKBONES"  # directories (':'-separated) searched for a backbone by fingerprint
 CONFIG = "config.yaml"
 
 
 # ----------------------------------------------------------------------------- backbone reference
 
 
-def backbone_reference(name_or_dir: str) -> dict:
-    """Name/path of the backbone and, for a local directory, a fingerprint of its config and weights:
-    sha256 over config.json, any weights index, and each weights file's size plus its first and last
-    MiB (cheap on multi-GB files, yet different for two random initializations of one architecture)."""
-    path = Path(name_or_dir)
+def fingerprint(path: Path) -> str | None:
+    """sha256 over config.json, any weights index, and each weights file's size plus its first and last MiB (cheap
+    on multi-GB files, yet different for two random initializations of one architecture); None if not a model."""
     if not (path / "config.json").is_file():
-        return {"name": name_or_dir, "local": False}
+        return None
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
         if f.name == "config.json" or f.name.endswith(".index.json"):
@@ -62,18 +65,50 @@ def backbone_reference(name_or_dir: str) -> dict:
                 fh.seek(max(0, size - (1 << 20)))
                 tail = fh.read()
             h.update(f"{f.name}:{size}".encode() + head + tail)
-    return {"name": name_or_dir, "local": True, "fingerprint": h.hexdigest()}
+    return h.hexdigest()
 
 
-def check_backbone(ref: dict, name_or_dir: str, where: str) -> None:
-    """Refuse a backbone that is not the one the weights were trained on."""
-    now = backbone_reference(name_or_dir)
-    if ref.get("local") and now.get("fingerprint") != ref.get("fingerprint"):
-        found = "is missing" if not now.get("local") else "has other config or weights"
-        raise UserError(
-            f"{where}: backbone {name_or_dir} {found} than the one this model was trained on "
-            f"(fingerprint {ref.get('fingerprint', '?')[:12]}); pass the original backbone with model.backbone=DIR"
-        )
+def backbone_reference(name_or_dir: str) -> dict:
+    """A hub name, or a local directory as typed, its absolute path and its fingerprint."""
+    path = Path(name_or_dir)
+    if not (path / "config.json").is_file():
+        return {"name": name_or_dir, "local": False}
+    return {"name": name_or_dir, "local": True, "path": str(path.resolve()), "fingerprint": fingerprint(path)}
+
+
+def _search_path() -> list[Path]:
+    """``$FUSION_DIST_BACKBONES``: each directory, and the model directories directly inside it."""
+    out = []
+    for entry in filter(None, os.environ.get(SEARCH_ENV, "").split(os.pathsep)):
+        root = Path(entry)
+        out.append(root)
+        if root.is_dir():
+            out += sorted(p for p in root.iterdir() if (p / "config.json").is_file())
+    return out
+
+
+def locate_backbone(ref: dict, export_dir: Path, given: str | None, where: str) -> str:
+    """The directory (or hub name) to load an export's backbone from: ``given`` if it is the one (refused if not);
+    else the first with the recorded fingerprint of the export's bundled copy, the recorded path, the path as typed
+    at training time, and ``$FUSION_DIST_BACKBONES``."""
+    if not ref.get("local"):
+        return given or ref["name"]
+    want = ref.get("fingerprint")
+    if given:
+        if fingerprint(Path(given)) != want:
+            found = "is not a model directory" if fingerprint(Path(given)) is None else "has other config or weights"
+            raise UserError(f"{where}: backbone {given} {found} than the one this model was trained on "
+                            f"(fingerprint {str(want)[:12]})")
+        return given
+    candidates = [export_dir / BUNDLED, ref.get("path"), ref["name"], *_search_path()]
+    for candidate in filter(None, candidates):
+        if fingerprint(Path(candidate)) == want:
+            return str(candidate)
+    raise UserError(
+        f"{where}: the backbone this model was trained on ({ref.get('path') or ref['name']}, fingerprint "
+        f"{str(want)[:12]}) is not there; give a directory holding it: --backbone DIR (fusion-dist predict), "
+        f"model_config={{'backbone': DIR}} (mlflow.pyfunc.load_model), or {SEARCH_ENV}=DIR[:DIR...] (searched, "
+        "with the model directories inside); 'fusion-dist register --bundle-backbone' puts it in the model")
 
 
 # ----------------------------------------------------------------------------- writing and reading
@@ -140,14 +175,12 @@ def export_meta(export_dir: str | Path) -> dict:
 
 
 def load_export(export_dir: str | Path, backbone: str | None = None):
-    """-> (model in eval mode, meta, cfg). ``backbone`` overrides the recorded path (moved backbone)."""
+    """-> (model in eval mode, meta, cfg). ``backbone``: a directory holding the backbone (``locate_backbone``)."""
     export_dir = Path(export_dir)
     meta = export_meta(export_dir)
     cfg = from_yaml((export_dir / CONFIG).read_text())
-    if backbone:
-        cfg.model.backbone = backbone
     if meta["stage"] == TRAIN:
-        check_backbone(meta["backbone"], cfg.model.backbone, f"{export_dir}/{META}")
+        cfg.model.backbone = locate_backbone(meta["backbone"], export_dir, backbone, f"{export_dir}/{META}")
     from fusion_dist.models.build import rebuild
 
     model = rebuild(cfg, meta["stage"], feature_dims(meta), load_file(str(export_dir / WEIGHTS)))
@@ -183,7 +216,8 @@ def main_predict(argv: list[str]) -> int:
                                 "[,label], checked as prepare checks it")
     p.add_argument("--split", default="test")
     p.add_argument("--out", default=None, help="CSV path (default: predictions-<split>.csv in the current directory)")
-    p.add_argument("--backbone", default=None, help="backbone directory, if it moved since training")
+    p.add_argument("--backbone", default=None, help="backbone directory, if it is not where it was at training time "
+                                                    f"(or list directories to search in ${SEARCH_ENV})")
     p.add_argument("--batch-size", type=int, default=64)
     args = p.parse_args(argv)
     # the data is checked before the model is built

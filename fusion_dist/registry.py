@@ -8,8 +8,10 @@ Loading ``models:/<name>@champion`` gives a model that predicts like ``fusion-di
     model = mlflow.pyfunc.load_model("models:/fusion-dist-mosi-deepmlf@champion")
     model.predict(pd.DataFrame({"id": [...], "text": [...], "audio": [frames x Da], "vision": [frames x Dv]}))
 
-The pyfunc holds the export directory (trainable weights + config); the frozen backbone is loaded from
-the path recorded in the export, so serving machines need fusion-dist and that backbone directory.
+The pyfunc holds the export directory (trainable weights + config). The frozen backbone is found by its
+fingerprint (``export.locate_backbone``): in the model itself with ``--bundle-backbone`` (a copy of a local
+backbone; the demo's model loads anywhere), else at the path recorded at training time, in
+``$FUSION_DIST_BACKBONES``, or where ``mlflow.pyfunc.load_model(uri, model_config={"backbone": DIR})`` says.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -79,7 +83,8 @@ class SentimentModel(mlflow.pyfunc.PythonModel):
         from fusion_dist.predict import collator_for
         from fusion_dist.export import load_export
 
-        self.model, meta, cfg = load_export(context.artifacts["export"])
+        backbone = (getattr(context, "model_config", None) or {}).get("backbone")
+        self.model, meta, cfg = load_export(context.artifacts["export"], backbone)
         self.dims = feature_dims(meta)
         self.collator = collator_for(self.model, cfg.data.max_text_tokens)
 
@@ -145,9 +150,27 @@ def promote(client: MlflowClient, name: str, version: str, metric: str, value: f
     return alias
 
 
+def bundle(export_dir: Path, staging: Path) -> Path:
+    """A copy of ``export_dir`` with its local backbone inside (``backbone/``), under ``staging``."""
+    from fusion_dist.export import BUNDLED, META, export_meta, locate_backbone
+
+    ref = export_meta(export_dir)["backbone"]
+    if not (ref or {}).get("local"):
+        raise UserError(f"--bundle-backbone: {export_dir} uses the hub backbone {(ref or {}).get('name')}, "
+                        "which loads by name; bundle only local backbones")
+    source = Path(locate_backbone(ref, export_dir, None, f"{export_dir}/{META}"))
+    out = staging / "export"
+    shutil.copytree(export_dir, out, ignore=shutil.ignore_patterns(BUNDLED))
+    shutil.copytree(source, out / BUNDLED)
+    size = sum(f.stat().st_size for f in (out / BUNDLED).rglob("*") if f.is_file())
+    print(f"bundling the backbone {source} ({size / 2**20:.1f} MiB) into the model")
+    return out
+
+
 def register(run_dir: str | Path, name: str | None = None, export_dir: str | Path | None = None,
-             uri: str | None = None, metric: str | None = None) -> tuple[str, str, str]:
-    """Log + register a run's export; returns (name, version, alias)."""
+             uri: str | None = None, metric: str | None = None, bundle_backbone: bool = False) -> tuple[str, str, str]:
+    """Log + register a run's export (with ``bundle_backbone``, and a copy of its backbone); returns (name,
+    version, alias)."""
     from fusion_dist.export import load_export
     from fusion_dist.tracking import resolve_uri, sync
 
@@ -174,10 +197,12 @@ def register(run_dir: str | Path, name: str | None = None, export_dir: str | Pat
         example, pd.DataFrame({"id": example["id"], "prediction": np.zeros(len(example))}))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    with mlflow.start_run(run_id=runs["parent"]):
+    with tempfile.TemporaryDirectory() as staging, mlflow.start_run(run_id=runs["parent"]):
+        artifact = bundle(export_dir, Path(staging)) if bundle_backbone else export_dir
         info = mlflow.pyfunc.log_model(name="model", python_model=SentimentModel(),
-                                       artifacts={"export": str(export_dir)}, signature=signature,
+                                       artifacts={"export": str(artifact)}, signature=signature,
                                        input_example=example, pip_requirements=_requirements(),
+                                       model_config={"backbone": None},  # load_model(..., model_config=) may set it
                                        registered_model_name=name)
     version = str(info.registered_model_version)
     alias = promote(client, name, version, metric, value)
@@ -192,8 +217,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--export", help="export directory (default: RUN_DIR/export)")
     parser.add_argument("--uri", help="tracking URI (default: the one the run used)")
     parser.add_argument("--metric", help="parent-run metric that ranks versions (default: the mean test MAE)")
+    parser.add_argument("--bundle-backbone", action="store_true",
+                        help="copy the (local) backbone into the model, so it loads on machines without it")
     args = parser.parse_args(argv)
-    name, version, alias = register(args.run_dir, args.name, args.export, args.uri, args.metric)
+    name, version, alias = register(args.run_dir, args.name, args.export, args.uri, args.metric, args.bundle_backbone)
     print(f"registered {name} version {version} as @{alias}; load it with "
           f"mlflow.pyfunc.load_model('models:/{name}@{alias}')")
     return 0

@@ -62,7 +62,7 @@ $FD evaluate configs/demo/deepmlf_tiny.yaml "${COMMON[@]}" run.dir="$OUT/runs/de
   model.av.init=pretrained+tune model.av.checkpoint="$OUT/runs/av_pretrain/export"
 
 step "9. register the model in MLflow (pyfunc; alias @champion if its test MAE is the best so far)"
-$FD register "$OUT/runs/deepmlf_tiny"
+$FD register "$OUT/runs/deepmlf_tiny" --bundle-backbone  # the backbone travels with the model: it loads anywhere
 
 echo
 echo "Demo finished. Look at the runs and the registered model in the MLflow UI:"

@@ -228,19 +228,34 @@ def test_two_rank_training_is_tracked_registered_and_served_like_predict(mlflow_
 
     assert cli(["register", str(run_dir), "--name", "bad/name"]) == 2
     assert "invalid registry name 'bad/name'" in capsys.readouterr().err
-    assert cli(["register", str(run_dir), "--name", "tiny-deepmlf"]) == 0
-    assert "@champion" in capsys.readouterr().out
+    assert cli(["register", str(run_dir), "--name", "tiny-deepmlf", "--bundle-backbone"]) == 0
+    out = capsys.readouterr().out
+    assert "@champion" in out and f"bundling the backbone {backbone.resolve()}" in out
     assert client.get_model_version_by_alias("tiny-deepmlf", "champion").version == "1"
 
     mlflow.set_tracking_uri(mlflow_server.uri)
     mlflow.set_registry_uri(mlflow_server.uri)
-    served = mlflow.pyfunc.load_model("models:/tiny-deepmlf@champion")
+    # the model carries its backbone: it loads after the training-time backbone moved, from another directory
+    moved = backbone.rename(tmp_path / "backbone-moved")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cwd = os.getcwd()
+    os.chdir(elsewhere)
+    try:
+        served = mlflow.pyfunc.load_model("models:/tiny-deepmlf@champion")
+        given = mlflow.pyfunc.load_model("models:/tiny-deepmlf@champion", model_config={"backbone": str(moved)})
+    finally:
+        os.chdir(cwd)
+    assert served.unwrap_python_model().model.cfg.backbone.endswith("export/backbone")
+    assert given.unwrap_python_model().model.cfg.backbone == str(moved)
     test = ShardDataset(str(shards), "test")
     rows = [test[i] for i in range(len(test))]
     frame = pd.DataFrame({"id": [r["id"] for r in rows], "text": [r["raw_text"] for r in rows],
                           "audio": [r["audio"].tolist() for r in rows], "vision": [r["vision"].tolist() for r in rows]})
     got = served.predict(frame)
-    assert cli(["predict", str(run_dir / "export"), str(shards), "--out", str(tmp_path / "pred.csv")]) == 0
+    pd.testing.assert_frame_equal(given.predict(frame), got)
+    assert cli(["predict", str(run_dir / "export"), str(shards), "--out", str(tmp_path / "pred.csv"),
+                "--backbone", str(moved)]) == 0
     want = pd.read_csv(tmp_path / "pred.csv", dtype={"id": str})
     assert list(got["id"]) == list(want["id"])
     np.testing.assert_allclose(got["prediction"], want["prediction"], atol=1e-6, rtol=0)

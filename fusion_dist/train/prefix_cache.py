@@ -53,8 +53,9 @@ def _sha(obj) -> str:
 
 
 def _identity(model, cfg: Config, manifest: dict, work: list[list[tuple]], layout) -> dict:
-    backbone = backbone_reference(cfg.model.backbone)
-    backbone["revision"] = getattr(model.lm.config, "_commit_hash", None)
+    ref = backbone_reference(cfg.model.backbone)  # a local backbone by content, wherever it lies
+    backbone = {"fingerprint": ref["fingerprint"]} if ref["local"] else {
+        "name": ref["name"], "revision": getattr(model.lm.config, "_commit_hash", None)}
     return {"manifest": _sha(manifest), "backbone": backbone, "transcripts": _sha(work), "layout": asdict(layout),
             "kernel": model.attn_kernel, "torch": torch.__version__, "chunk": CHUNK}
 

@@ -42,9 +42,9 @@ def command(sub: str, args: list[str], ranks: int, launcher: str = "torchrun") -
 
 
 def run_cli(sub: str, args: list[str], ranks: int = 1, timeout: float = 300, launcher: str = "torchrun",
-            cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(command(sub, args, ranks, launcher), env=_env(), capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
+            cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(command(sub, args, ranks, launcher), env={**_env(), **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)
 
 
 def popen_cli(sub: str, args: list[str], ranks: int, launcher: str = "torchrun") -> subprocess.Popen:

@@ -3,6 +3,7 @@ torchrun; the interrupted runs use the ``deepspeed`` launcher, so resuming also 
 
 import csv
 import json
+import shutil
 import signal
 import time
 
@@ -77,6 +78,26 @@ def test_run_dir_layout_and_export_predict(engine_inputs, ref_run, tmp_path):
     assert run_cli("make-backbone", ["--arch", "gpt2", "--preset", "tiny", "--seed", "1", "--out", str(other)]).returncode == 0
     r = run_cli("predict", [str(out), str(engine_inputs[0]), "--backbone", str(other), "--out", str(pred)])
     assert r.returncode == 2 and "other config or weights" in r.stderr
+    # the backbone is found by its fingerprint wherever it is: recorded as a relative path that does not resolve
+    # here and at an absolute path that is gone, it is refused naming the ways to give it, then found in
+    # $FUSION_DIST_BACKBONES, or in the export's own copy
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    meta = json.loads((moved / "export.json").read_text())
+    assert meta["backbone"]["path"] == str(engine_inputs[1].resolve())
+    meta["backbone"].update(name="demo_out/backbone", path=str(tmp_path / "gone"))
+    (moved / "export.json").write_text(json.dumps(meta))
+    args = ["predict", str(moved), str(engine_inputs[0]), "--out", str(pred)]
+    r = run_cli(args[0], args[1:])
+    fp = meta["backbone"]["fingerprint"][:12]
+    assert r.returncode == 2 and f"fingerprint {fp}) is not there" in r.stderr and "FUSION_DIST_BACKBONES" in r.stderr
+    assert "--backbone DIR" in r.stderr and "model_config=" in r.stderr, r.stderr
+    search = {"FUSION_DIST_BACKBONES": f"{tmp_path / 'nothing'}:{engine_inputs[1].parent}"}
+    r = run_cli(args[0], args[1:], env=search)
+    assert r.returncode == 0, r.stderr
+    assert [row["prediction"] for row in csv.DictReader(pred.open())] == [row["prediction"] for row in mine]
+    shutil.copytree(engine_inputs[1], moved / "backbone")
+    assert run_cli(args[0], args[1:]).returncode == 0
 
 
 def test_two_rank_evaluation_equals_one_rank(engine_inputs, ref_run, tmp_path):
