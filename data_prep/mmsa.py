@@ -159,10 +159,16 @@ def records(path: str, split: str, arrays: dict[str, np.ndarray]) -> Iterator[di
         yield rec
 
 
-def default_name(path: str) -> str:
-    """``.../MOSI/Processed/unaligned_50.pkl`` -> ``mosi``: the first known dataset named in the path."""
+# (audio, vision) feature dims of the MMSA releases: a pickle not named after its dataset is known by them
+RELEASE_DIMS = {(5, 20): "mosi", (74, 35): "mosei", (33, 709): "sims"}
+
+
+def default_name(path: str, dims: tuple[int, int] | None = None) -> str:
+    """``.../MOSI/Processed/unaligned_50.pkl`` -> ``mosi``: the first known dataset named in the path, else the
+    release with these (audio, vision) dims (``fusion-dist synth --dataset mosi --out x.pkl`` -> ``mosi``), else
+    the file's stem."""
     lowered = path.lower()
     for name in ("mosei", "mosi", "sims"):
         if name in lowered:
             return name
-    return PurePosixPath(path).stem
+    return RELEASE_DIMS.get(dims) or PurePosixPath(path).stem

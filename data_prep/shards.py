@@ -80,7 +80,8 @@ def open_source(path: str, name: str | None) -> Source:
         where = f"{path}: field 'split'"
     else:
         arrays = mmsa.validate(path, mmsa.load_pickle(path))
-        source = Source(path, name or mmsa.default_name(path), digest, {s: len(a["id"]) for s, a in arrays.items()},
+        dims = tuple(arrays["train"][mod].shape[-1] for mod in MODALITIES)
+        source = Source(path, name or mmsa.default_name(path, dims), digest, {s: len(a["id"]) for s, a in arrays.items()},
                         all(k in arrays["train"] for k in UNIMODAL),
                         lambda split: mmsa.records(path, split, arrays[split]))
         where = f"{path}: key 'id'"

@@ -93,10 +93,9 @@ class ShardDataset(torch.utils.data.Dataset):
     def texts(self) -> list[str]:
         """Every transcript of the split, in row order (the text column only)."""
         out = []
-        for k, entry in enumerate(self.shard_entries):
-            if k not in self._shards:
-                self._shards[k] = _Shard(f"{self.root}/{entry['file']}")
-            out += [t for b in self._shards[k].batches for t in b.column("raw_text").to_pylist()]
+        for k, entry in enumerate(self.shard_entries):  # a scan: the shards it opens are not kept open
+            shard = self._shards.get(k) or _Shard(f"{self.root}/{entry['file']}")
+            out += [t for b in shard.batches for t in b.column("raw_text").to_pylist()]
         return out
 
     def __getstate__(self) -> dict:

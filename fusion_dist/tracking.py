@@ -1,7 +1,8 @@
 """MLflow tracking of training runs: global rank 0 only, and no tracker outage ever loses a run.
 
 Layout in MLflow: one experiment per dataset (``fusion-dist/<dataset>``), a parent run per
-configuration (one run directory) and a nested child run per seed.
+configuration (one run directory) and a nested child run per seed. Parent and children carry the same params
+(the flattened config plus numeric study axes), so filtering the runs table by a config value keeps the seeds.
 
 Every call is first appended to the run directory's tracking journal and only then sent (``journal.py``),
 so
@@ -142,7 +143,8 @@ class Tracker:
         artifact_location = RunDir(self.run_dir).mlruns.as_uri() if self.embedded else None
         self._open("parent", None, self.run_name, {**environment_tags(), **tags}, artifact_location)
         self._parent_open = True
-        self._record("params", run="parent", params={k: param_value(v) for k, v in params.items()})
+        self.params = {k: param_value(v) for k, v in params.items()}
+        self._record("params", run="parent", params=self.params)
         self.parent_run_id = self.replayer.run_id("parent")
         return self.parent_run_id
 
@@ -152,6 +154,8 @@ class Tracker:
         key = f"seed-{seed}"
         parent = "parent" if self._parent_open else None
         self._open(key, parent, f"seed-{seed}", {"fusion_dist.seed": seed, **environment_tags()}, None, run_id)
+        if self._parent_open:
+            self._record("params", run=key, params={**self.params, "run.seed": str(seed)})
         self.child_run_id = self.replayer.run_id(key) or run_id
         return self.child_run_id
 

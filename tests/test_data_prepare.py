@@ -93,6 +93,12 @@ def test_rerun_is_noop_and_other_dataset_refused(tmp_path, mosi, capsys):
     assert cli(["prepare", str(other), str(out), "--overwrite"]) == 0
     assert json.loads((out / "manifest.json").read_text())["dataset"] == "mosei"
     assert not list(tmp_path.glob("out.staging-*"))
+    # a pickle not named after its dataset is known by its release's feature dims (synth imitates them)
+    for dataset in ("mosi", "sims"):
+        unnamed = tmp_path / f"features-{dataset[::-1]}.pkl"
+        synth.main(["--dataset", dataset, "--out", str(unnamed), "--samples", "12"])
+        assert cli(["prepare", str(unnamed), str(tmp_path / f"u-{dataset}")]) == 0
+        assert json.loads((tmp_path / f"u-{dataset}" / "manifest.json").read_text())["dataset"] == dataset
 
 
 def test_missing_file_and_not_a_pickle(tmp_path, capsys):

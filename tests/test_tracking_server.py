@@ -6,6 +6,7 @@ lets it recover, kills it, restarts it on the same backend and syncs.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -221,10 +222,17 @@ def test_two_rank_training_is_tracked_registered_and_served_like_predict(mlflow_
     assert parent.data.tags["world_size"] == "2" and parent.data.params["run.seeds"] == "[0, 1]"
     assert "test/MAE_mean" in parent.data.metrics
     assert "metrics.json" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    # comparable in MLflow itself: std beside mean, the seeds' params, each seed's selected checkpoint
+    assert parent.data.metrics["n_seeds"] == 2 and "test/MAE_std" in parent.data.metrics
+    assert parent.data.params["model.n_mm_layers"] == "2" and parent.data.params["model.first_mm_layer"] == "1"
     for seed in (0, 1):
         child = runs[f"seed-{seed}"]
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id and "test/MAE" in child.data.metrics
         assert [m.step for m in client.get_metric_history(child.info.run_id, "valid/MAE")]
+        assert child.data.params == {**parent.data.params, "run.seed": str(seed)}
+        result = json.loads((run_dir / f"checkpoints/seed{seed}/result.json").read_text())
+        assert child.data.metrics["valid/best_MAE"] == pytest.approx(result["valid"]["MAE"])
+        assert child.data.metrics["best_epoch"] == 1  # train.epochs=1
 
     assert cli(["register", str(run_dir), "--name", "bad/name"]) == 2
     assert "invalid registry name 'bad/name'" in capsys.readouterr().err

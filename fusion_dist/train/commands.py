@@ -112,6 +112,12 @@ def setup(cfg: Config, stage: str, restart: bool = False):
     return denv, manifest, ds_config, run
 
 
+def study_axes(cfg: Config) -> dict[str, int]:
+    """The studied architecture axes as plain numbers, for MLflow's scatter and parallel-coordinates views."""
+    mm = list(cfg.model.mm_layers)
+    return {"model.n_mm_layers": len(mm), "model.first_mm_layer": min(mm) if mm else -1}
+
+
 def train_command(cfg: Config, stage: str, restart: bool = False) -> int:
     cfg = stage_config(cfg, stage)
     denv, manifest, ds_config, run = setup(cfg, stage, restart)
@@ -122,7 +128,7 @@ def train_command(cfg: Config, stage: str, restart: bool = False) -> int:
     tags = {"stage": stage, "model.family": cfg.model.family, "model.backbone": cfg.model.backbone,
             "model.mm_layers": str(list(cfg.model.mm_layers)), "model.n_fusion": cfg.model.n_fusion,
             "train.zero_stage": cfg.train.zero_stage, "world_size": denv.world_size}
-    tracker.start_parent(to_flat_dict(cfg), tags)
+    tracker.start_parent({**to_flat_dict(cfg), **study_axes(cfg)}, tags)
     preemption = Preemption()
     results = {}
     try:
@@ -142,7 +148,8 @@ def train_command(cfg: Config, stage: str, restart: bool = False) -> int:
         write_export(run.export, cfg, stage, load_file(str(weights)), manifest, run.root)
         log.info(summary_text(summary))
     tracker.log_artifact(run.metrics)
-    tracker.end_parent({f"test/{k}_mean": v for k, v in summary["mean"]["test"].items() if math.isfinite(v)})
+    tracker.end_parent({"n_seeds": len(results), **{f"test/{k}_{stat}": v for stat in ("mean", "std")
+                                                    for k, v in summary[stat]["test"].items() if math.isfinite(v)}})
     dist.barrier()
     dist.shutdown()
     return 0

@@ -235,7 +235,9 @@ class SeedRun:
         result = {"seed": self.seed, "stage": self.stage, "best_tag": best_tag,
                   **score_splits(self.engine, self.data, self.collator, self.cfg, self.manifest, self.run_dir,
                                  self.seed, self.denv)}
-        self.tracker.end_child({f"test/{k}": v for k, v in result["test"].items() if math.isfinite(v)})
+        best = {f"valid/best_{k}": v for k, v in result["valid"].items() if math.isfinite(v)}
+        best["best_epoch"] = int(best_tag.removeprefix("step")) // self.steps_per_epoch  # tags at epoch ends
+        self.tracker.end_child({**best, **{f"test/{k}": v for k, v in result["test"].items() if math.isfinite(v)}})
         if self.denv.is_main:
             write_json(self.run_dir.result(self.seed), result)
         dist.barrier()
