@@ -26,6 +26,18 @@ from test_tracking import make_cfg, run_two_seeds, runs_of
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def no_global_tracking_uri():
+    """``mlflow.set_tracking_uri`` (here and in ``register``) also sets ``$MLFLOW_TRACKING_URI``, which later tests'
+    trackers would read: a dead server's URI once its fixture stopped it."""
+    yield
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
+
+
 def test_parent_child_params_metrics_artifacts_and_only_rank0_writes(mlflow_server, tmp_path):
     run_dir = tmp_path / "run"
     cfg = make_cfg(run_dir, f"tracking.uri={mlflow_server.uri}", "tracking.experiment=integration",
