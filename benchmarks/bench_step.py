@@ -111,8 +111,7 @@ def run_shape(name: str, root: Path, rounds: int, steps: int, bsz: int, device: 
     # train.prefix_cache=auto, computed before timing as before the first epoch (used where exact: models/prefix.py)
     work = chunks([k for b in data for k in PrefixCache.keys(b["input_ids"], b["attention_mask"].bool())])
     if on.prefix_layers:
-        rows = lambda ids: on.prefix_rows(ids.to(device))  # noqa: E731
-        on.prefix_cache = PrefixCache.compute(rows, work, rows(torch.tensor([work[0][0]]))[1])
+        on.prefix_cache = PrefixCache.compute(lambda ids: on.prefix_rows(ids.to(device)), work)
     opts = {m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for m in (on, off)}
 
     def train_step(model):

@@ -188,10 +188,10 @@ class Collator:
             if key in samples[0]:
                 batch[key] = torch.tensor([s[key] for s in samples], dtype=torch.float32)
         if self.tokenizer is not None:
-            batch.update(self._tokenize(batch["raw_text"]))
+            batch.update(self.tokenize(batch["raw_text"]))
         return batch
 
-    def _tokenize(self, texts: list[str]) -> dict:
+    def tokenize(self, texts: list[str]) -> dict:
         tok = self.tokenizer
         fallback = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else fallback

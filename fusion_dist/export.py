@@ -95,8 +95,9 @@ def locate_backbone(ref: dict, export_dir: Path, given: str | None, where: str) 
         return given or ref["name"]
     want = ref.get("fingerprint")
     if given:
-        if fingerprint(Path(given)) != want:
-            found = "is not a model directory" if fingerprint(Path(given)) is None else "has other config or weights"
+        found = fingerprint(Path(given))
+        if found != want:
+            found = "is not a model directory" if found is None else "has other config or weights"
             raise UserError(f"{where}: backbone {given} {found} than the one this model was trained on "
                             f"(fingerprint {str(want)[:12]})")
         return given

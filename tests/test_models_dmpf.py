@@ -207,9 +207,9 @@ def test_prefix_cache_serves_each_transcript_exactly_whatever_its_batch(backbone
     batch = make_batch(cached.tokenizer, TEXTS)
     work = chunks(PrefixCache.keys(batch["input_ids"], batch["attention_mask"].bool()) * 2)
     assert sum(map(len, work)) == len(TEXTS) and all(len({len(k) for k in c}) == 1 for c in work)
-    layout = cached.prefix_rows(torch.tensor([work[0][0]]))[1]
+    memory = PrefixCache.compute(cached.prefix_rows, work)
+    layout = memory.layout
     assert layout.layers == 3  # up to the first MM block: after layer 2
-    memory = PrefixCache.compute(cached.prefix_rows, work, layout)
     for part in (0, 1):  # two ranks' shares
         PrefixCache.write_part(tmp_path, part, cached.prefix_rows, work[part::2])
     PrefixCache.write_meta(tmp_path, layout, 2, {"made": "here"})

@@ -58,8 +58,6 @@ class DeepMLF(FusionLM):
         features.update(t=last_real(h[:, :T], text_valid), f=h[:, T:].mean(1))
         prediction = self.task_head(torch.cat(list(features.values()), -1)).squeeze(-1)
         aux = self.aux_heads(features, self.aux_heads.heads.keys())
-        # a training regulariser: its logits over the vocabulary cost nearly half of GPT-2's forward, never in eval
-        train_lm = self.cfg.loss.lambda_lm > 0 and self.training
-        lm_term = self.lm_loss(h[:, :T], input_ids, text_valid) if train_lm else None
+        lm_term = self.lm_term(h[:, :T], input_ids, text_valid)
         loss, losses = self.total_loss(prediction, aux, self.aux_weights, batch, lm_term)
         return ModelOutput(prediction, loss, losses, hidden_states=h, text_mask=text_valid)

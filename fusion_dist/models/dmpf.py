@@ -113,8 +113,6 @@ class DMPF(FusionLM):
         unimodal = enc if self.cfg.unimodal_aux == "encoders" else tokens
         features = {"a": unimodal["audio"], "v": unimodal["video"], "f": tokens["av"], "t": text, "av": enc["av"]}
         aux = self.aux_heads(features, self.aux_heads.heads.keys())
-        # a training regulariser: its logits over the vocabulary cost nearly half of GPT-2's forward, never in eval
-        train_lm = self.cfg.loss.lambda_lm > 0 and self.training
-        lm_term = self.lm_loss(h[:, :T], input_ids, text_valid) if train_lm else None
+        lm_term = self.lm_term(h[:, :T], input_ids, text_valid)
         loss, losses = self.total_loss(prediction, aux, self.aux_weights, batch, lm_term)
         return ModelOutput(prediction, loss, losses, hidden_states=h, text_mask=text_valid)

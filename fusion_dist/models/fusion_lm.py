@@ -176,8 +176,12 @@ class FusionLM(nn.Module):
         layout = RowLayout.of(kept, h)
         return layout.rows(kept, h), layout
 
-    def lm_loss(self, text_states: torch.Tensor, input_ids: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
-        """Next-token cross-entropy of the frozen LM head on the transcript (pairs of real tokens only)."""
+    def lm_term(self, text_states: torch.Tensor, input_ids: torch.Tensor,
+                text_valid: torch.Tensor) -> torch.Tensor | None:
+        """Next-token cross-entropy of the frozen LM head on the transcript (pairs of real tokens only); a training
+        regulariser, None in evaluation (its logits over the vocabulary cost nearly half of GPT-2's forward)."""
+        if not (self.training and self.cfg.loss.lambda_lm > 0):
+            return None
         pairs = text_valid[:, 1:] & text_valid[:, :-1]
         if self.cfg.fused_ops:  # a (B, T) slice of the sequence would run as a batched matmul, padding included
             logits = self.adapter.lm_head(text_states[:, :-1][pairs]).float()

@@ -115,18 +115,18 @@ class PrefixCache:
         return all(k in self.index for k in keys)
 
     @classmethod
-    def compute(cls, rows_of, work: list[list[tuple]], layout: RowLayout, progress=None) -> PrefixCache:
-        """Every chunk of ``work`` computed here, into CPU memory. ``rows_of(ids) -> (rows, layout)``."""
+    def compute(cls, rows_of, work: list[list[tuple]], progress=None) -> PrefixCache:
+        """Every chunk of ``work`` (not empty) computed here, into CPU memory. ``rows_of(ids) -> (rows, layout)``."""
         tensors, index, start = [], {}, 0
         for done, chunk in enumerate(work):
-            rows, _ = rows_of(torch.tensor(chunk))
+            rows, layout = rows_of(torch.tensor(chunk))
             tensors.append(rows.reshape(-1, rows.shape[-1]).cpu())
             for key in chunk:
                 index[key] = (0, start)
                 start += len(key)
             if progress:
                 progress(done + 1)
-        return cls(layout, [torch.cat(tensors) if tensors else torch.empty(0, layout.width)], index)
+        return cls(layout, [torch.cat(tensors)], index)
 
     # ------------------------------------------------------------------ the on-disk store
 

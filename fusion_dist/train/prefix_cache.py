@@ -6,7 +6,7 @@ always) and their distinct transcripts cut into chunks; a one-token probe gives 
 before anything is computed, and printed.
 
 - ``memory``: every rank computes every chunk into its own memory (the same layer calls on every rank, as ZeRO-3's
-  collective gathers need).
+  collective gathers need); the run's next seed reuses it.
 - ``disk``: rank r computes chunks r, r + W, ... into ``<run.dir>/prefix_cache/<id>/part-<r>.{bin,json}`` (a rank
   with one chunk fewer computes one more and drops it, so ZeRO-3 ranks still make the same calls), rank 0 writes
   ``meta.json`` last, and every rank maps every part. ``<id>`` hashes what the rows are a function of: the data
@@ -35,6 +35,7 @@ from fusion_dist.models.prefix import CHUNK, PrefixCache, chunks
 from fusion_dist.rundir import RunDir
 
 TOKENIZE_BATCH = 256
+_KEPT: dict[str, PrefixCache] = {}  # the last in-memory cache, by identity: the run's next seed reuses it
 
 
 def transcripts(data: dict, splits: list[str], collator) -> list[tuple]:
@@ -43,7 +44,7 @@ def transcripts(data: dict, splits: list[str], collator) -> list[tuple]:
     for split in splits:
         texts = data[split].texts()
         for i in range(0, len(texts), TOKENIZE_BATCH):
-            batch = collator._tokenize(texts[i:i + TOKENIZE_BATCH])
+            batch = collator.tokenize(texts[i:i + TOKENIZE_BATCH])
             keys += PrefixCache.keys(batch["input_ids"], batch["attention_mask"].bool())
     return keys
 
@@ -100,11 +101,12 @@ def prepare(model, cfg: Config, data: dict, collator, run: RunDir, manifest: dic
     n_tokens = sum(len(k) for chunk in work for k in chunk)
     size = n_tokens * layout.width * probe.element_size()
     identity = _identity(model, cfg, manifest, work, layout)
-    directory = run.root / "prefix_cache" / _sha(identity)[:16]
-    ready = PrefixCache.identity_of(directory) == identity
+    key = _sha(identity)[:16]
+    directory = run.root / "prefix_cache" / key
+    stored = PrefixCache.identity_of(directory) == identity
     if mode == "auto":
         mode = "memory" if size <= cfg.train.prefix_cache_memory_gb * 2**30 else "disk"
-    if mode == "disk" and not ready:
+    if mode == "disk" and not stored:
         free = shutil.disk_usage(run.root).free
         if not all(dist.all_gather_object(size < 0.9 * free)):
             problem = (f"train.prefix_cache: {size / 2**30:.2f} GiB for the cache, more than {run.root} has free "
@@ -113,12 +115,16 @@ def prepare(model, cfg: Config, data: dict, collator, run: RunDir, manifest: dic
                 raise UserError(f"{problem}; free space there, or set train.prefix_cache=off")
             log.warning(f"{problem}; training without it")
             return None
-    where = "each rank's CPU memory" if mode == "memory" else str(directory) + (" (reused)" if ready else "")
+    reused = key in _KEPT if mode == "memory" else stored
+    where = ("each rank's CPU memory" if mode == "memory" else str(directory)) + (" (reused)" if reused else "")
     log.info(f"prefix cache: {sum(map(len, work))} transcripts of {', '.join(splits)}, {n_tokens} tokens x "
              f"{layout.layers} layers = {size / 2**30:.3f} GiB in {where} (train.prefix_cache=off to recompute instead)")
     if mode == "memory":
-        return PrefixCache.compute(rows_of, work, layout, _Progress(work, "transcripts"))
-    if not ready:
+        if not reused:
+            _KEPT.clear()
+            _KEPT[key] = PrefixCache.compute(rows_of, work, _Progress(work, "transcripts"))
+        return _KEPT[key]
+    if not stored:
         _write_store(directory, rows_of, work, layout, identity, denv)
     return PrefixCache.open(directory)
 

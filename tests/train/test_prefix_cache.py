@@ -59,13 +59,18 @@ def test_prefix_cache_size_reuse_and_staleness(engine_inputs, tmp_path, caplog, 
     # auto within prefix_cache_memory_gb: in memory, nothing written; every transcript of the three splits
     memory = prepare(run, run_dir)
     texts = [t for s in ("train", "valid", "test") for t in run.data[s].texts()]
-    batch = run.collator._tokenize(texts)
+    batch = run.collator.tokenize(texts)
     keys = set(PrefixCache.keys(batch["input_ids"], batch["attention_mask"].bool()))
     assert set(memory.index) == keys and not stores(run_dir)
     line = size_line()
     n_tokens = sum(map(len, keys))
     assert f"{len(keys)} transcripts of train, valid, test, {n_tokens} tokens x 2 layers" in line
     assert f"{memory.bytes / 2**30:.3f} GiB in each rank's CPU memory" in line
+    calls = []
+    rows = run.model.prefix_rows
+    monkeypatch.setattr(run.model, "prefix_rows", lambda ids: calls.append(ids.shape) or rows(ids))
+    assert prepare(run, run_dir) is memory and len(calls) == 1  # the next seed of the run: only the probe
+    monkeypatch.undo()
 
     # over prefix_cache_memory_gb: on disk, the same numbers; a second start maps the finished store again
     disk = prepare(run, run_dir, prefix_cache_memory_gb=0.0)
