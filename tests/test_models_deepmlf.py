@@ -37,7 +37,7 @@ def test_text_states_do_not_depend_on_av(backbones, arch):
     batch = make_batch(model.tokenizer)
     other = dict(batch, audio=torch.randn_like(batch["audio"]) * 5, vision=torch.randn_like(batch["vision"]))
     with torch.no_grad():
-        a, b = model(batch), model(other)
+        a, b = model(batch, all_states=True), model(other, all_states=True)
     T = a.text_mask.shape[1]
     torch.testing.assert_close(a.hidden_states[:, :T], b.hidden_states[:, :T])
     assert (a.hidden_states[:, T:] - b.hidden_states[:, T:]).abs().max() > 1e-3  # fusion tokens do see AV
@@ -60,7 +60,7 @@ def test_closed_gates_give_the_plain_lm(backbones, arch, kernel):
     model = build(backbones, arch, gating="tanh", gate_init=0.0, attn_implementation=kernel)
     batch = make_batch(model.tokenizer)
     with torch.no_grad():
-        out = model(batch)
+        out = model(batch, all_states=True)
         for i in range(len(TEXTS)):
             ids = batch["input_ids"][i][batch["attention_mask"][i].bool()][None]
             ref = model.lm(ids, output_hidden_states=True)
@@ -78,7 +78,7 @@ def test_closed_cross_attention_gates_keep_av_out_of_fusion_tokens(backbones, ar
     batch = make_batch(model.tokenizer)
     other = dict(batch, audio=torch.randn_like(batch["audio"]) * 5, vision=torch.randn_like(batch["vision"]))
     with torch.no_grad():
-        a, b = model(batch), model(other)
+        a, b = model(batch, all_states=True), model(other, all_states=True)
     torch.testing.assert_close(a.hidden_states, b.hidden_states)
 
 
@@ -158,7 +158,7 @@ def test_gca_query_ablation_lets_text_see_av(backbones, queries):
     model = build(backbones, "gpt2", gca_queries=queries)
     batch = make_batch(model.tokenizer)
     with torch.no_grad():
-        a, b = model(batch), model(dict(batch, audio=torch.randn_like(batch["audio"]) * 5))
+        a, b = (model(x, all_states=True) for x in (batch, dict(batch, audio=torch.randn_like(batch["audio"]) * 5)))
     T = a.text_mask.shape[1]
     assert (a.hidden_states[:, :T][a.text_mask] - b.hidden_states[:, :T][b.text_mask]).abs().max() > 1e-4
 

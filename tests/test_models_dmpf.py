@@ -51,8 +51,8 @@ def test_text_states_ignore_audio_and_av_tokens_read_it(backbones):
     model = build_model(tiny_cfg(backbones["llama"], "dmpf"), AUDIO_DIM, VISION_DIM).eval()
     batch = make_batch(model.tokenizer)
     with torch.no_grad():
-        a = model(batch)
-        b = model(dict(batch, audio=torch.randn_like(batch["audio"]) * 5))
+        a = model(batch, all_states=True)
+        b = model(dict(batch, audio=torch.randn_like(batch["audio"]) * 5), all_states=True)
     T = a.text_mask.shape[1]
     n_a, n_v, n_av = 2, 2, 3
     torch.testing.assert_close(a.hidden_states[:, :T], b.hidden_states[:, :T])
@@ -174,6 +174,44 @@ def test_frozen_prefix_split_gives_the_full_sequences_loss_and_gradients(backbon
         assert full is not None, name
         torch.testing.assert_close(grads[True][name], full, rtol=1e-4, atol=1e-6 * (1 + full.abs().max().item()),
                                    msg=name)
+
+
+@pytest.mark.parametrize("family, arch, queries", [("deepmlf", "gpt2", "fusion"), ("deepmlf", "llama", "text+fusion"),
+                                                 ("dmpf", "llama", "fusion")])
+def test_last_layer_runs_only_the_positions_the_heads_read(backbones, family, arch, queries):
+    """``model.fused_ops`` without an LM loss: the last layer and its MM block run from the last text token on (the
+    earlier text positions give only keys / values); prediction, loss and every trainable gradient equal the full
+    path's, in training and in evaluation. With an LM loss in training every position runs."""
+    def run(model, batch, **kw):
+        model.zero_grad()
+        out = model(batch, **kw)
+        if model.training:
+            out.loss.backward()
+        return out, {"loss": out.loss.detach(), "prediction": out.prediction.detach(),
+                     **{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
+
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(backbones[arch], family, gca_queries=queries, loss__lambda_lm=0.0),
+                        AUDIO_DIM, VISION_DIM)
+    for m in model.modules():  # the tail draws fewer dropout masks than the full path: compare without dropout
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    batch = make_batch(model.tokenizer)
+    n_groups = model.cfg.n_fusion if family == "deepmlf" else 7
+    seen = []
+    model.adapter.mlp(model.adapter.num_layers - 1).register_forward_hook(lambda m, a, o: seen.append(a[0].shape[1]))
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        (full, want), (tail, got) = run(model, batch, all_states=True), run(model, batch)
+        assert full.hidden_states.shape[1] == batch["input_ids"].shape[1] + n_groups
+        assert tail.hidden_states.shape[1] == 1 + n_groups and tail.text_mask.shape[1] == 1
+        assert seen[-2:] == [full.hidden_states.shape[1], 1 + n_groups]
+        assert got.keys() == want.keys() and (len(got) == 2 if mode == "eval" else len(got) > 10)
+        for name, value in want.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-6 * (1 + value.abs().max().item()),
+                                       msg=lambda m, name=name: f"{mode} {name}: {m}")
+    model.cfg.loss.lambda_lm = 0.5
+    assert model.train()(batch).hidden_states.shape[1] == batch["input_ids"].shape[1] + n_groups
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

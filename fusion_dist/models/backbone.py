@@ -213,6 +213,14 @@ class LMAdapter:
     def mlp(self, index: int) -> nn.Module:
         return self.layers[index].mlp
 
+    def keep_keys_values(self, index: int, hidden: torch.Tensor, mask: torch.Tensor, kept, **kwargs) -> None:
+        """Layer ``index``'s keys / values of ``hidden`` into the cache ``kept``: its input norm and self-attention
+        only, not its MLP (the costliest part), for positions whose own output nothing reads."""
+        layer = self.layers[index]
+        norm = _first_attr(layer, ("input_layernorm", "ln_1"), "attention input norm")
+        attention = _first_attr(layer, ("self_attn", "attn"), "self-attention")
+        attention(hidden_states=norm(hidden), attention_mask=mask, **{self.cache_argument: kept}, **kwargs)
+
     def new_norm(self) -> nn.Module:
         """A freshly initialised norm of the backbone's own kind and epsilon."""
         norm = self.final_norm

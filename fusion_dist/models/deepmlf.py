@@ -45,7 +45,7 @@ class DeepMLF(FusionLM):
         dims = {"av": d_av, "t": d, "f": d}
         self.aux_heads = AuxHeads({k: dims[k] for k, w in self.aux_weights.items() if w > 0})
 
-    def forward(self, batch: dict) -> ModelOutput:
+    def forward(self, batch: dict, all_states: bool = False) -> ModelOutput:
         input_ids, text_valid = self.text_input(batch)
         T, n_f = input_ids.shape[1], self.cfg.n_fusion
         queries, contexts, features = {}, {}, {}
@@ -54,7 +54,9 @@ class DeepMLF(FusionLM):
             spans = {"fusion": slice(T, T + n_f), "text": slice(0, T), "text+fusion": slice(0, T + n_f)}
             queries, contexts = {"av": spans[self.cfg.gca_queries]}, {"av": (z, z_mask)}
             features["av"] = masked_mean(z, z_mask)
-        h = self.run_lm(input_ids, text_valid, [self.fusion_tokens], SEES, queries=queries, contexts=contexts)
+        h = self.run_lm(input_ids, text_valid, [self.fusion_tokens], SEES, queries, contexts, all_states)
+        T = h.shape[1] - n_f  # every text position, or only the last one (FusionLM.tail_from)
+        text_valid = text_valid[:, -T:]
         features.update(t=last_real(h[:, :T], text_valid), f=h[:, T:].mean(1))
         prediction = self.task_head(torch.cat(list(features.values()), -1)).squeeze(-1)
         aux = self.aux_heads(features, self.aux_heads.heads.keys())

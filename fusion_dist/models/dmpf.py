@@ -90,7 +90,15 @@ class DMPF(FusionLM):
                     "t": d, "av": d_ctx["av"]}
         self.aux_heads = AuxHeads({k: aux_dims[k] for k, w in self.aux_weights.items() if w > 0})
 
-    def forward(self, batch: dict) -> ModelOutput:
+    def spans(self, T: int) -> dict[str, slice]:
+        """Each group's positions after ``T`` text positions."""
+        spans, start = {}, T
+        for g, n in self.sizes.items():
+            spans[g] = slice(start, start + n)
+            start += n
+        return spans
+
+    def forward(self, batch: dict, all_states: bool = False) -> ModelOutput:
         input_ids, text_valid = self.text_input(batch)
         T = input_ids.shape[1]
         contexts = {
@@ -98,12 +106,10 @@ class DMPF(FusionLM):
             "video": self.video_encoder(batch, self.dtype),
             "av": self.av_encoder(batch, self.dtype),
         }
-        spans, start = {}, T
-        for g, n in self.sizes.items():
-            spans[g] = slice(start, start + n)
-            start += n
         groups = [self.fusion_tokens_audio, self.fusion_tokens_video, self.fusion_tokens_av]
-        h = self.run_lm(input_ids, text_valid, groups, self.sees, queries=spans, contexts=contexts)
+        h = self.run_lm(input_ids, text_valid, groups, self.sees, self.spans(T), contexts, all_states)
+        T = h.shape[1] - sum(self.sizes.values())  # every text position, or only the last one (FusionLM.tail_from)
+        text_valid, spans = text_valid[:, -T:], self.spans(T)
 
         tokens = {g: h[:, span].mean(1) for g, span in spans.items()}
         enc = {g: masked_mean(*contexts[g]) for g in contexts}

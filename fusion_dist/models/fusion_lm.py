@@ -25,7 +25,7 @@ from fusion_dist.config import ModelConfig
 from fusion_dist.errors import UserError
 from fusion_dist.models.augment import TextAugment
 from fusion_dist.models.backbone import LMAdapter, fuse_activations, lm_dropout_rate
-from fusion_dist.models.prefix import KeepKV, PrefixCache, RowLayout, run_prefix
+from fusion_dist.models.prefix import AfterTextKV, KeepKV, PrefixCache, RowLayout, run_prefix
 
 
 UNIMODAL_TARGETS = {"t": "label_T", "a": "label_A", "v": "label_V"}  # aux head -> its unimodal label
@@ -108,8 +108,10 @@ class FusionLM(nn.Module):
     # ----------------------------------------------------------------- the layer loop
 
     def run_lm(self, input_ids: torch.Tensor, text_valid: torch.Tensor, groups: list[torch.Tensor],
-               sees: torch.Tensor, queries: dict[str, slice], contexts: dict[str, tuple]) -> torch.Tensor:
-        """Final (post-norm) states (B, T + sum(groups), d) of [left-aligned text | groups]."""
+               sees: torch.Tensor, queries: dict[str, slice], contexts: dict[str, tuple],
+               all_states: bool = False) -> torch.Tensor:
+        """Final (post-norm) states (B, T + sum(groups), d) of [left-aligned text | groups]; with ``model.fused_ops``,
+        unless ``all_states``, (B, 1 + sum(groups), d) from the last text token on (see ``tail_from``)."""
         B, T = input_ids.shape
         emb = self.augment(self.adapter.embed(input_ids), text_valid)
         tokens = [g.to(emb.dtype)[None].expand(B, -1, -1) for g in groups]
@@ -140,12 +142,38 @@ class FusionLM(nn.Module):
         if split:
             h = run_prefix(self.adapter.layers, self.adapter.cache_argument, self.adapter.layer_kwargs, h, mask,
                            position_ids, T, n_prefix, cache, keys)
+        last = self.adapter.num_layers - 1
+        tail = self.tail_from(T, all_states) if not (split and last < n_prefix) else 0
         for i, layer in enumerate(self.adapter.layers):
-            if not (split and i < n_prefix):
+            if i == last and tail:
+                h = self.run_tail(h, mask, position_ids, tail)
+                queries = {s: slice(max(q.start - tail, 0), q.stop - tail) for s, q in queries.items()}
+            elif not (split and i < n_prefix):
                 h = _call(layer, recompute_lm, h, attention_mask=mask, **layer_kwargs)
             if str(i) in self.mm_blocks:
                 h = _call(self.mm_blocks[str(i)], recompute_mm, h, queries, contexts)
         return self.adapter.final_norm(h)
+
+    def tail_from(self, T: int, all_states: bool) -> int:
+        """Where the last layer's work starts: the heads read the last text token (left-aligned: position T-1) and
+        the groups, so without an LM loss the earlier text positions of the last layer reach no output and give only
+        their keys / values (its MLP and its MM block skip them). 0 (everything) under flash_attention_2, whose 2-D
+        masks cannot express the split call, and without ``model.fused_ops``."""
+        if all_states or not self.cfg.fused_ops or self.lm_loss_on or self.attn_kernel == "flash_attention_2":
+            return 0
+        return T - 1
+
+    def run_tail(self, h: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, start: int) -> torch.Tensor:
+        """The last decoder layer's states of positions ``start:``, attending to the keys / values of all."""
+        head, tail = h[:, :start], h[:, start:]
+        kept = KeepKV()
+        last = self.adapter.num_layers - 1
+        self.adapter.keep_keys_values(last, head, mask[:, :, :start, :start],
+                                      kept, **self.adapter.layer_kwargs(head, position_ids[:, :start]))
+        # not checkpointed: the keys / values reach the second call outside the layer's own graph
+        return self.adapter.layers[last](tail, attention_mask=mask[:, :, start:, :],
+                                         **self.adapter.layer_kwargs(tail, position_ids[:, start:]),
+                                         **{self.adapter.cache_argument: AfterTextKV(kept)})
 
     @property
     def prefix_layers(self) -> int:
@@ -176,11 +204,15 @@ class FusionLM(nn.Module):
         layout = RowLayout.of(kept, h)
         return layout.rows(kept, h), layout
 
+    @property
+    def lm_loss_on(self) -> bool:
+        return self.training and self.cfg.loss.lambda_lm > 0
+
     def lm_term(self, text_states: torch.Tensor, input_ids: torch.Tensor,
                 text_valid: torch.Tensor) -> torch.Tensor | None:
         """Next-token cross-entropy of the frozen LM head on the transcript (pairs of real tokens only); a training
         regulariser, None in evaluation (its logits over the vocabulary cost nearly half of GPT-2's forward)."""
-        if not (self.training and self.cfg.loss.lambda_lm > 0):
+        if not self.lm_loss_on:
             return None
         pairs = text_valid[:, 1:] & text_valid[:, :-1]
         if self.cfg.fused_ops:  # a (B, T) slice of the sequence would run as a batched matmul, padding included

@@ -19,7 +19,9 @@ class ModelOutput(NamedTuple):
 
     prediction: (B,) sentiment scores. loss: weighted total, requires grad. losses: unweighted terms, detached.
     hidden_states: final (post-norm) LM states (B, T + fusion, d) in the internal layout [left-aligned text |
-    fusion groups]; text_mask: (B, T) real text tokens in that layout (both None for the AV pretrainer).
+    fusion groups]; text_mask: (B, T) real text tokens in that layout (both None for the AV pretrainer). Where
+    nothing reads the other text states (``FusionLM.tail_from``) T is 1, the last text token, unless the forward
+    was asked for ``all_states``.
 
     A named tuple, not a dataclass, because ZeRO-3 must see these tensors: DeepSpeed re-gathers a module's
     partitioned parameters for backward through hooks on the tensors its forward returns (it walks tuples
