@@ -11,15 +11,17 @@ Shapes (random weights, the paper configs' fusion layout, 16 samples of ~50 text
   mosei-noaug  the same without SeqAug
 "on" is the default model (``model.prefix_split``, ``model.fused_ops``, ``train.prefix_cache=auto``, computed
 before timing as the trainer does before the first epoch; it serves training only where that is exact, i.e. not
-under SeqAug); "off" has all three off. The two models share weights and batches;
-rounds alternate so load changes hit both. A training step is forward, backward
-and an AdamW step on the trainable parameters; evaluation is a no-grad forward in eval mode; "LM floor" is the
-frozen backbone's own forward over the same token batch (no fusion tokens, no MM blocks).
+under SeqAug); "off" has all three off. The two models share weights and batches; rounds alternate so load changes
+hit both; samples/s are of the median round, a speedup is the median of the rounds' ratios (a burst of load from
+elsewhere on a shared machine moves one round, not the result). A training step is forward, backward and an AdamW
+step on the trainable parameters; evaluation is a no-grad forward in eval mode; "LM floor" is the frozen
+backbone's own forward over the same token batch (no fusion tokens, no MM blocks).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +31,7 @@ import torch
 from fusion_dist.config import Config
 from fusion_dist.data import Collator
 from fusion_dist.models import build_model
-from fusion_dist.models.backbone import build_tokenizer, make_backbone
+from fusion_dist.models.presets import build_tokenizer, make_backbone
 from fusion_dist.models.build import DTYPES
 from fusion_dist.predict import to_device
 from fusion_dist.models.prefix import PrefixCache, chunks
@@ -131,24 +133,27 @@ def run_shape(name: str, root: Path, rounds: int, steps: int, bsz: int, device: 
         with torch.no_grad():
             on.lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
-    totals = {k: 0.0 for k in ("train_on", "train_off", "eval_on", "eval_off", "lm")}
+    times = {k: [] for k in ("train_on", "train_off", "eval_on", "eval_off", "lm")}
     for model in (on, off):  # warm-up
         timed(train_step(model.train()), data)
         timed(eval_step(model.eval()), data)
     for r in range(rounds):
         on.train(), off.train()
-        totals["train_on"] += timed(train_step(on), data)
-        totals["train_off"] += timed(train_step(off), data)
+        times["train_on"].append(timed(train_step(on), data))
+        times["train_off"].append(timed(train_step(off), data))
         on.eval(), off.eval()
-        totals["eval_on"] += timed(eval_step(on), data)
-        totals["eval_off"] += timed(eval_step(off), data)
-        totals["lm"] += timed(lm_floor, data)
-        print(f"  {name} round {r + 1}/{rounds}: train on {totals['train_on']:.1f}s off {totals['train_off']:.1f}s",
-              flush=True)
-    samples = rounds * steps * bsz
-    rate = {k: samples / v for k, v in totals.items()}
+        times["eval_on"].append(timed(eval_step(on), data))
+        times["eval_off"].append(timed(eval_step(off), data))
+        times["lm"].append(timed(lm_floor, data))
+        print(f"  {name} round {r + 1}/{rounds}: train on {times['train_on'][-1]:.2f}s off {times['train_off'][-1]:.2f}s"
+              f" ({times['train_off'][-1] / times['train_on'][-1]:.2f}x), eval on {times['eval_on'][-1]:.2f}s off "
+              f"{times['eval_off'][-1]:.2f}s ({times['eval_off'][-1] / times['eval_on'][-1]:.2f}x)", flush=True)
+    # the median round: a burst of load from elsewhere on a shared machine moves one round, not the result
+    rate = {k: steps * bsz / statistics.median(v) for k, v in times.items()}
+    speedup = {k: statistics.median(off / on for on, off in zip(times[f"{k}_on"], times[f"{k}_off"]))
+               for k in ("train", "eval")}
     return {"shape": name, **{f"{k}_samples_per_s": v for k, v in rate.items()},
-            "train_speedup": rate["train_on"] / rate["train_off"], "eval_speedup": rate["eval_on"] / rate["eval_off"]}
+            "train_speedup": speedup["train"], "eval_speedup": speedup["eval"]}
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ returns an exit code; ``UserError`` (``ConfigError`` is one) becomes a one-line 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from fusion_dist.errors import UserError
@@ -22,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("fusion_dist.train.commands:main_evaluate", "metrics of each seed's best checkpoint on valid and test"),
     "export": ("fusion_dist.export:main_export", "trainable weights + config + backbone reference of a run"),
     "predict": ("fusion_dist.export:main_predict", "predictions of an export for a shard split or a JSONL"),
-    "make-backbone": ("fusion_dist.models.backbone:main_make_backbone", "a local HF LM dir (config, tokenizer, random weights) from a preset"),
+    "make-backbone": ("fusion_dist.models.presets:main_make_backbone", "a local HF LM dir (config, tokenizer, random weights) from a preset"),
     "params": ("fusion_dist.params:main", "trainable / frozen parameter table per MM block, built on the meta device"),
     "plan": ("fusion_dist.plan:main", "per-rank GPU memory per ZeRO stage / offload option, frozen-aware; recommends one"),
     "sync-tracking": ("fusion_dist.tracking:main_sync", "send a run directory's pending MLflow records (idempotent)"),
@@ -39,6 +40,14 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def quiet_start() -> None:
+    """Keep the libraries' start-up chatter out of the log (set the variables to see it again): transformers'
+    weight-loading bars where stderr is no terminal, MLflow's INFO lines (database creation, "View run at")."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # the deepspeed launcher inserts --local_rank=N before the subcommand; ranks are read from the env
@@ -50,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"fusion-dist: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
         return 2
+    quiet_start()
     module_name, func_name = COMMANDS[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     try:

@@ -80,7 +80,7 @@ def slurm_master_port(job_id: int) -> int:
 def detect(env: Mapping[str, str] | None = None) -> DistEnv:
     """Rank, local rank and world size from whichever launcher started this process."""
     env = os.environ if env is None else env
-    node = socket.gethostname()
+    node = env.get("SLURMD_NODENAME") or socket.gethostname()  # Slurm's name for the node, where it has one
     if "RANK" in env and "WORLD_SIZE" in env:
         launcher = "deepspeed" if "CROSS_RANK" in env else "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env"
         return DistEnv(

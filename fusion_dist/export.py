@@ -69,10 +69,13 @@ def fingerprint(path: Path) -> str | None:
 
 
 def backbone_reference(name_or_dir: str) -> dict:
-    """A hub name, or a local directory as typed, its absolute path and its fingerprint."""
+    """A hub name and the commit it resolves to (``org/name@revision``: that revision's), or a local directory as
+    typed, its absolute path and its fingerprint."""
     path = Path(name_or_dir)
     if not (path / "config.json").is_file():
-        return {"name": name_or_dir, "local": False}
+        from fusion_dist.models.backbone import hub_name, resolved_revision
+
+        return {"name": hub_name(name_or_dir)[0], "local": False, "revision": resolved_revision(name_or_dir)}
     return {"name": name_or_dir, "local": True, "path": str(path.resolve()), "fingerprint": fingerprint(path)}
 
 
@@ -91,8 +94,8 @@ def locate_backbone(ref: dict, export_dir: Path, given: str | None, where: str) 
     """The directory (or hub name) to load an export's backbone from: ``given`` if it is the one (refused if not);
     else the first with the recorded fingerprint of the export's bundled copy, the recorded path, the path as typed
     at training time, and ``$FUSION_DIST_BACKBONES``."""
-    if not ref.get("local"):
-        return given or ref["name"]
+    if not ref.get("local"):  # a hub backbone loads at the commit it was trained at
+        return given or (f"{ref['name']}@{ref['revision']}" if ref.get("revision") else ref["name"])
     want = ref.get("fingerprint")
     if given:
         found = fingerprint(Path(given))
@@ -196,18 +199,31 @@ def main_export(argv: list[str]) -> int:
     p.add_argument("run_dir")
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=None, help="which seed's best checkpoint (default: best validation MAE)")
+    p.add_argument("--hub", action="store_true", help="also write a model card (README.md): a folder to upload to "
+                                                      "the Hugging Face Hub as is")
     args = p.parse_args(argv)
     run = RunDir(args.run_dir)
     cfg = run.read_config()
     check_export_target(Path(args.out), run.root)
     stage, ckpt = run.best_checkpoint(args.seed)
-    write_export(Path(args.out), cfg, stage, load_file(str(ckpt)), read_manifest(cfg.data.root), run.root)
+    if args.hub and (stage != TRAIN or not run.metrics.is_file()):
+        raise UserError(f"export --hub: {run.root} has no " + ("metrics.json (its training has not finished)"
+                        if stage == TRAIN else "stage-2 model (a pretrain-av run exports an AV encoder)"))
+    manifest = read_manifest(cfg.data.root)
+    write_export(Path(args.out), cfg, stage, load_file(str(ckpt)), manifest, run.root)
     print(f"exported {ckpt.parent} ({stage}) to {args.out}")
+    if args.hub:
+        from fusion_dist.hub import write_card
+
+        card = write_card(Path(args.out), cfg, export_meta(args.out), json.loads(run.metrics.read_text()),
+                          cfg.data.root, manifest)
+        print(f"model card: {card}; upload the folder with: huggingface-cli upload ORG/NAME {args.out}")
     return 0
 
 
 def main_predict(argv: list[str]) -> int:
     from data_prep import ingest
+    from fusion_dist import dist
     from fusion_dist.data import ShardDataset
     from fusion_dist.predict import collator_for, predict_module, write_predictions
 
@@ -232,9 +248,10 @@ def main_predict(argv: list[str]) -> int:
             raise UserError(f"{args.data}: feature dims {ds.dims} differ from the model's {want}")
         samples = [ds[i] for i in range(len(ds))]
         name = args.split
+    dist.setup_logging(dist.detect())  # progress lines on stdout
     model, _, cfg = load_export(args.export_dir, args.backbone)
     collator = collator_for(model, cfg.data.max_text_tokens)
-    ids, preds, labels = predict_module(model, samples, collator, args.batch_size)
+    ids, preds, labels = predict_module(model, samples, collator, args.batch_size, progress=f"predict {name}")
     out = Path(args.out or f"predictions-{name}.csv")
     write_predictions(out, ids, preds, labels)
     print(f"wrote {len(ids)} predictions to {out}")

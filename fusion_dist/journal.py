@@ -191,6 +191,12 @@ class Replayer:
                 self.client.log_artifacts(run_id, str(local), first["artifact_path"])
             else:
                 self.client.log_artifact(run_id, str(local), first["artifact_path"])
+        elif op == "dataset":
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            d = first["dataset"]
+            entity = Dataset(d["name"], d["digest"], d["source_type"], d["source"], profile=d["profile"])
+            self.client.log_inputs(run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", d["context"])])])
         elif op == "end":
             self.client.set_terminated(run_id, first["status"], end_time=first["t"])
         else:

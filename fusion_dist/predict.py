@@ -12,6 +12,7 @@ import torch
 
 from fusion_dist import dist
 from fusion_dist.data import Collator, RankSampler, ShardDataset
+from fusion_dist.progress import Progress
 from fusion_dist.rundir import atomic_write
 
 
@@ -25,11 +26,14 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def predict_module(forward: Callable | torch.nn.Module, samples, collator: Collator, batch_size: int,
-                   indices: list[int] | None = None) -> tuple[list[str], list[float], list[float]]:
-    """Predictions of ``forward`` (a model or engine, in eval mode) over ``samples[i]`` for ``indices``."""
+                   indices: list[int] | None = None, progress: str | None = None,
+                   summary: bool = True) -> tuple[list[str], list[float], list[float]]:
+    """Predictions of ``forward`` (a model or engine, in eval mode) over ``samples[i]`` for ``indices``;
+    ``progress`` names the work in progress lines (``fusion_dist.progress``), none without it."""
     module = getattr(forward, "module", forward)
     device = next(module.parameters()).device
     indices = list(range(len(samples))) if indices is None else indices
+    shown = Progress(progress, len(indices), "samples", device, summary) if progress else None
     ids, preds, labels = [], [], []
     with torch.no_grad():
         for start in range(0, len(indices), batch_size):
@@ -38,13 +42,18 @@ def predict_module(forward: Callable | torch.nn.Module, samples, collator: Colla
             ids += batch["ids"]
             preds += out.prediction.float().cpu().tolist()
             labels += batch["label"].tolist()
+            if shown:
+                mask = batch.get("attention_mask")
+                shown.update(len(batch["ids"]), int(mask.sum()) if mask is not None else 0)
     return ids, preds, labels
 
 
 def evaluate_split(forward, ds: ShardDataset, collator: Collator, batch_size: int, denv: dist.DistEnv):
-    """Every sample of the split exactly once across ranks, gathered in dataset order on every rank."""
+    """Every sample of the split exactly once across ranks, gathered in dataset order on every rank (progress
+    lines, of rank 0's share, only when it takes long)."""
     indices = list(RankSampler(len(ds), denv.rank, denv.world_size, shuffle=False, seed=0))
-    part = predict_module(forward, ds, collator, batch_size, indices)
+    what = f"evaluate {ds.split}" + (" (rank 0's share)" if denv.world_size > 1 else "")
+    part = predict_module(forward, ds, collator, batch_size, indices, what, summary=False)
     ordered: dict[int, tuple] = {}
     for rank_indices, (ids, preds, labels) in zip(
         dist.all_gather_object(indices), dist.all_gather_object(part)

@@ -105,6 +105,14 @@ def input_example(dims: dict[str, int]) -> pd.DataFrame:
     })
 
 
+def _code_paths() -> list[str]:
+    """The packages the model's code imports (``pyfunc_model.py``): fusion_dist and data_prep (its input checks)."""
+    import data_prep
+    import fusion_dist
+
+    return [str(Path(m.__file__).parent) for m in (fusion_dist, data_prep)]
+
+
 def _requirements() -> list[str]:
     """fusion-dist's own runtime dependencies (inferring them would rebuild the model in a subprocess)."""
     reqs = importlib.metadata.requires("fusion-dist") or []
@@ -199,9 +207,10 @@ def register(run_dir: str | Path, name: str | None = None, export_dir: str | Pat
     mlflow.set_registry_uri(uri)
     with tempfile.TemporaryDirectory() as staging, mlflow.start_run(run_id=runs["parent"]):
         artifact = bundle(export_dir, Path(staging)) if bundle_backbone else export_dir
-        info = mlflow.pyfunc.log_model(name="model", python_model=SentimentModel(),
-                                       artifacts={"export": str(artifact)}, signature=signature,
-                                       input_example=example, pip_requirements=_requirements(),
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                                       code_paths=_code_paths(), artifacts={"export": str(artifact)},
+                                       signature=signature, input_example=example,
+                                       pip_requirements=_requirements(),
                                        model_config={"backbone": None},  # load_model(..., model_config=) may set it
                                        registered_model_name=name)
     version = str(info.registered_model_version)

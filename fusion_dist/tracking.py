@@ -21,6 +21,7 @@ with artifacts under ``<run_dir>/mlruns``; view them with ``mlflow ui --backend-
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -102,6 +103,21 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
+def dataset_input(root: str, manifest: dict) -> dict:
+    """A shard root as an MLflow dataset: named after its dataset, the digest is its manifest's sha256 (cut to
+    MLflow's 36 characters; the profile has it whole, with each split's rows), the source is the root's URI."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = fsspec.core.url_to_fs(f"{root.rstrip('/')}/manifest.json")
+    sha = hashlib.sha256(fs.cat_file(path)).hexdigest()
+    uri = Path(root.removeprefix("file://")).resolve().as_uri() if isinstance(fs, LocalFileSystem) else root
+    profile = {"manifest_sha256": sha, **{f"{s}_rows": e["rows"] for s, e in manifest["splits"].items()}}
+    return {"name": manifest.get("dataset", "custom"), "digest": sha[:36], "context": "train",
+            "source_type": "local" if uri.startswith("file:") else uri.split(":", 1)[0],
+            "source": json.dumps({"uri": uri}), "profile": json.dumps(profile)}
+
+
 class Tracker:
     """The trainer's view of MLflow (see the module docstring); every method is a no-op off rank 0.
 
@@ -135,7 +151,8 @@ class Tracker:
 
     # -- the trainer's API -------------------------------------------------------------------------
 
-    def start_parent(self, params: dict, tags: dict) -> str | None:
+    def start_parent(self, params: dict, tags: dict, dataset: dict | None = None) -> str | None:
+        """``dataset``: the run's data as an MLflow dataset input (``dataset_input``), logged on every run."""
         if not self.active:
             return None
         if self.embedded:
@@ -145,6 +162,9 @@ class Tracker:
         self._parent_open = True
         self.params = {k: param_value(v) for k, v in params.items()}
         self._record("params", run="parent", params=self.params)
+        self.dataset = dataset
+        if dataset:
+            self._record("dataset", run="parent", dataset=dataset)
         self.parent_run_id = self.replayer.run_id("parent")
         return self.parent_run_id
 
@@ -156,6 +176,8 @@ class Tracker:
         self._open(key, parent, f"seed-{seed}", {"fusion_dist.seed": seed, **environment_tags()}, None, run_id)
         if self._parent_open:
             self._record("params", run=key, params={**self.params, "run.seed": str(seed)})
+            if self.dataset:
+                self._record("dataset", run=key, dataset=self.dataset)
         self.child_run_id = self.replayer.run_id(key) or run_id
         return self.child_run_id
 

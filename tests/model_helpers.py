@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fusion_dist.config import AugmentConfig, AVEncoderConfig, LossConfig, ModelConfig
-from fusion_dist.models.backbone import make_backbone
+from fusion_dist.models.presets import make_backbone
 
 AUDIO_DIM, VISION_DIM = 5, 7
 TEXTS = [

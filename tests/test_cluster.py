@@ -123,6 +123,8 @@ def test_sbatch_trains_on_both_nodes_and_tracks_final_test_metrics(reference):
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(runs) == 2 and len(children) == 1
     assert children[0].data.metrics["test/MAE"] == pytest.approx(final_test_metrics(run_dir)["MAE"])
+    nodes = {k.split("/")[1] for k in children[0].data.metrics if k.endswith("/cpu_utilization_percentage")}
+    assert nodes == {"node1", "node2"}  # system metrics of each node, from its local rank 0
 
 
 def test_deepspeed_and_srun_launchers_agree_with_torchrun(slurm_cluster, inputs, reference):

@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fusion_dist", "data_prep")
 MAX_LINES = 400
-SERVING = ("fusion_dist.registry", "fusion_dist.export", "fusion_dist.predict")
+SERVING = ("fusion_dist.registry", "fusion_dist.export", "fusion_dist.predict", "fusion_dist.pyfunc_model")
 
 
 def modules() -> dict[str, Path]:

@@ -8,7 +8,7 @@ import pytest
 from fusion_dist.cli import main as cli
 from fusion_dist.config import AVEncoderConfig, ModelConfig, load_config
 from fusion_dist.models import build_model, count_parameters
-from fusion_dist.models.backbone import make_backbone
+from fusion_dist.models.presets import make_backbone
 from model_helpers import backbones, single_thread  # noqa: F401
 
 CONFIGS = sorted(p for p in Path(__file__).resolve().parents[1].glob("configs/**/*.yaml")

@@ -6,20 +6,24 @@ lets it recover, kills it, restarts it on the same backend and syncs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from fusion_dist.cli import main as cli
 from fusion_dist.config import to_flat_dict
-from fusion_dist.tracking import Tracker
+from fusion_dist.tracking import Tracker, dataset_input
 from mlflow_server import mlflow_server  # noqa: F401  (module-scoped fixture)
 from test_tracking import make_cfg, run_two_seeds, runs_of
 
@@ -163,12 +167,26 @@ def test_mlflow_ui_shows_experiment_parent_and_children(mlflow_server, tmp_path)
     run_dir = tmp_path / "run"
     cfg = make_cfg(run_dir, f"tracking.uri={mlflow_server.uri}", "tracking.experiment=fusion-dist/ui",
                    "run.name=deepmlf-nf8-ui")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    manifest = {"dataset": "mosi", "splits": {"train": {"rows": 3}, "valid": {"rows": 1}, "test": {"rows": 1}}}
+    (shards / "manifest.json").write_text(json.dumps(manifest))
     tracker = Tracker(cfg, run_dir, rank=0, dataset="mosi")
-    run_two_seeds(tracker, cfg)
-    experiment_id = MlflowClient(mlflow_server.uri).get_experiment_by_name("fusion-dist/ui").experiment_id
+    tracker.start_parent(to_flat_dict(cfg), {"family": "deepmlf"}, dataset_input(str(shards), manifest))
+    for seed in (0, 1):
+        tracker.start_child(seed)
+        tracker.end_child({"test/MAE": 0.5 + seed})
+    tracker.end_parent({"test/MAE_mean": 1.0, "test/MAE_std": 0.5})
+    client = MlflowClient(mlflow_server.uri)
+    experiment_id = client.get_experiment_by_name("fusion-dist/ui").experiment_id
 
     runs_page = _page_text(chromium, f"{mlflow_server.uri}/#/experiments/{experiment_id}/runs", tmp_path / "p1")
-    assert "fusion-dist/ui" in runs_page and "deepmlf-nf8-ui" in runs_page
+    assert "fusion-dist/ui" in runs_page and "deepmlf-nf8-ui" in runs_page and "mosi" in runs_page  # the dataset
+    ids = [r.info.run_id for r in client.search_runs([experiment_id])]
+    query = f'runs={json.dumps(ids)}&experiments={json.dumps([experiment_id])}'.replace(" ", "")
+    compare = _page_text(chromium, f"{mlflow_server.uri}/#/compare-runs?{query}", tmp_path / "p3")
+    assert "Parameters" in compare and "model.n_fusion" in compare and "run.seed" in compare
+    assert "test/MAE_std" in compare and "test/MAE_mean" in compare and "seed-0" in compare
     parent_page = _page_text(chromium, f"{mlflow_server.uri}/#/experiments/{experiment_id}/runs/"
                                        f"{tracker.parent_run_id}", tmp_path / "p2")
     children = re.search(r"Child runs (seed-\d) , (seed-\d)", parent_page)
@@ -208,6 +226,21 @@ def test_compare_tabulates_a_sweep_and_logs_its_plot(mlflow_server, tmp_path, ca
     assert "fusion-dist compare: error: experiment 'no-such-experiment' not found" in err and "sweep" in err
 
 
+def _wait_until_up(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
+    import requests
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        try:
+            if requests.get(url, timeout=2).ok:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url} did not answer within {timeout_s} s")
+
+
 def test_two_rank_training_is_tracked_registered_and_served_like_predict(mlflow_server, tmp_path, capsys):
     import numpy as np
     import pandas as pd
@@ -225,7 +258,8 @@ def test_two_rank_training_is_tracked_registered_and_served_like_predict(mlflow_
              "configs/test/deepmlf_tiny_gpt2.yaml", f"model.backbone={backbone}", f"data.root={shards}",
              f"run.dir={run_dir}", "run.seeds=[0,1]", "train.epochs=1", f"tracking.uri={mlflow_server.uri}",
              "tracking.experiment=trained"]
-    subprocess.run(train, check=True, timeout=300, capture_output=True)
+    trained = subprocess.run(train, check=True, timeout=300, capture_output=True, text=True)
+    assert "Loading weights" not in trained.stdout + trained.stderr  # transformers' bars stay out of the log
 
     client = MlflowClient(mlflow_server.uri)
     runs = runs_of(client, "trained")
@@ -237,6 +271,13 @@ def test_two_rank_training_is_tracked_registered_and_served_like_predict(mlflow_
     # comparable in MLflow itself: std beside mean, the seeds' params, each seed's selected checkpoint
     assert parent.data.metrics["n_seeds"] == 2 and "test/MAE_std" in parent.data.metrics
     assert parent.data.params["model.n_mm_layers"] == "2" and parent.data.params["model.first_mm_layer"] == "1"
+    sha = hashlib.sha256((shards / "manifest.json").read_bytes()).hexdigest()
+    for run in runs.values():  # the shard root, as an MLflow dataset input of every run
+        (logged,) = run.inputs.dataset_inputs
+        assert (logged.dataset.name, logged.dataset.digest) == ("mosi", sha[:36])
+        assert json.loads(logged.dataset.source) == {"uri": shards.resolve().as_uri()}
+        assert json.loads(logged.dataset.profile)["manifest_sha256"] == sha
+        assert [(t.key, t.value) for t in logged.tags] == [("mlflow.data.context", "train")]
     for seed in (0, 1):
         child = runs[f"seed-{seed}"]
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id and "test/MAE" in child.data.metrics
@@ -245,6 +286,9 @@ def test_two_rank_training_is_tracked_registered_and_served_like_predict(mlflow_
         result = json.loads((run_dir / f"checkpoints/seed{seed}/result.json").read_text())
         assert child.data.metrics["valid/best_MAE"] == pytest.approx(result["valid"]["MAE"])
         assert child.data.metrics["best_epoch"] == 1  # train.epochs=1
+        assert child.data.metrics["train/tokens_per_s"] > 0
+        system = {k.split("/")[1] for k in child.data.metrics if k.endswith("/system_memory_usage_megabytes")}
+        assert system == {socket.gethostname()}  # one node: its local rank 0's numbers, once
 
     assert cli(["register", str(run_dir), "--name", "bad/name"]) == 2
     assert "invalid registry name 'bad/name'" in capsys.readouterr().err
@@ -279,3 +323,27 @@ def test_two_rank_training_is_tracked_registered_and_served_like_predict(mlflow_
     want = pd.read_csv(tmp_path / "pred.csv", dtype={"id": str})
     assert list(got["id"]) == list(want["id"])
     np.testing.assert_allclose(got["prediction"], want["prediction"], atol=1e-6, rtol=0)
+
+    # served over REST from another directory, the run directory moved away: the same predictions
+    run_dir.rename(tmp_path / "run-moved")
+    port = __import__("mlflow_server").free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/tiny-deepmlf@champion",
+                              "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)], cwd=elsewhere,
+                             env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri,  # serve execs uvicorn
+                                  "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+                             stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        import requests
+
+        _wait_until_up(serve, f"http://127.0.0.1:{port}/ping", timeout_s=180)
+        body = {"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}
+        answer = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=120)
+        assert answer.ok, answer.text
+        rows = answer.json()["predictions"]
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=30)
+    assert [r["id"] for r in rows] == list(want["id"])
+    np.testing.assert_allclose([r["prediction"] for r in rows], want["prediction"], atol=1e-6, rtol=0)

@@ -142,7 +142,7 @@ class ModelConfig:
     family: str = "deepmlf"
     """``deepmlf`` or ``dmpf``."""
     backbone: str = MISSING
-    """HF causal LM: a local directory (``fusion-dist make-backbone``) or a hub name."""
+    """HF causal LM: a local directory (``fusion-dist make-backbone``) or a hub name (``org/name@rev``: at rev)."""
     attn_implementation: str = "auto"
     """``auto`` (flash_attention_2 -> sdpa -> eager), or one of those names to force it."""
     mm_layers: list[int] = field(default_factory=list)

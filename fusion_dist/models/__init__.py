@@ -1,7 +1,8 @@
 """DeepMLF and DMPF on any HuggingFace decoder LM (SPEC 3)."""
 
 from fusion_dist.models.av_encoder import AVEncoder, build_av_pretrainer, load_av_encoder, save_av_encoder
-from fusion_dist.models.backbone import choose_attn_implementation, gathered, load_backbone, make_backbone
+from fusion_dist.models.backbone import choose_attn_implementation, gathered, load_backbone
+from fusion_dist.models.presets import make_backbone
 from fusion_dist.models.build import build_model, check_feature_dims, count_parameters
 from fusion_dist.models.heads import ModelOutput
 

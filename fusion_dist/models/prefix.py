@@ -116,16 +116,17 @@ class PrefixCache:
 
     @classmethod
     def compute(cls, rows_of, work: list[list[tuple]], progress=None) -> PrefixCache:
-        """Every chunk of ``work`` (not empty) computed here, into CPU memory. ``rows_of(ids) -> (rows, layout)``."""
+        """Every chunk of ``work`` (not empty) computed here, into CPU memory. ``rows_of(ids) -> (rows, layout)``;
+        ``progress``: a ``fusion_dist.progress.Progress`` over the transcripts."""
         tensors, index, start = [], {}, 0
-        for done, chunk in enumerate(work):
+        for chunk in work:
             rows, layout = rows_of(torch.tensor(chunk))
             tensors.append(rows.reshape(-1, rows.shape[-1]).cpu())
             for key in chunk:
                 index[key] = (0, start)
                 start += len(key)
             if progress:
-                progress(done + 1)
+                progress.update(len(chunk), sum(map(len, chunk)))
         return cls(layout, [torch.cat(tensors)], index)
 
     # ------------------------------------------------------------------ the on-disk store
@@ -135,14 +136,14 @@ class PrefixCache:
         """Compute ``work`` and write it as ``part-<part>.bin`` (raw rows) + ``part-<part>.json`` (its index)."""
         index, start = [], 0
         with (directory / f"part-{part}.bin").open("wb") as fh:
-            for done, chunk in enumerate(work):
+            for chunk in work:
                 rows, _ = rows_of(torch.tensor(chunk))
                 fh.write(rows.cpu().contiguous().view(torch.uint8).numpy().tobytes())
                 for key in chunk:
                     index.append([list(key), start])
                     start += len(key)
                 if progress:
-                    progress(done + 1)
+                    progress.update(len(chunk), sum(map(len, chunk)))
         (directory / f"part-{part}.json").write_text(json.dumps({"rows": start, "index": index}))
 
     @staticmethod

@@ -122,13 +122,14 @@ def train_command(cfg: Config, stage: str, restart: bool = False) -> int:
     cfg = stage_config(cfg, stage)
     denv, manifest, ds_config, run = setup(cfg, stage, restart)
     log.info(to_yaml(cfg))
-    from fusion_dist.tracking import Tracker
+    from fusion_dist.tracking import Tracker, dataset_input
 
     tracker = Tracker(cfg, run.root, denv.rank, manifest.get("dataset", "custom"))
     tags = {"stage": stage, "model.family": cfg.model.family, "model.backbone": cfg.model.backbone,
             "model.mm_layers": str(list(cfg.model.mm_layers)), "model.n_fusion": cfg.model.n_fusion,
             "train.zero_stage": cfg.train.zero_stage, "world_size": denv.world_size}
-    tracker.start_parent({**to_flat_dict(cfg), **study_axes(cfg)}, tags)
+    tracker.start_parent({**to_flat_dict(cfg), **study_axes(cfg)}, tags,
+                        dataset_input(cfg.data.root, manifest) if tracker.active else None)
     preemption = Preemption()
     results = {}
     try:

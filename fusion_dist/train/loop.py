@@ -32,6 +32,7 @@ from fusion_dist.metrics import json_safe, mmsa_metrics
 from fusion_dist.models.backbone import gathered
 from fusion_dist.models.build import build_for_stage
 from fusion_dist.predict import collator_for, evaluate_split, to_device, write_predictions
+from fusion_dist.progress import duration, node_metrics, peak_memory, rates
 from fusion_dist.rundir import KEY_METRIC, TRAINABLE, RunDir, atomic_write, write_json
 from fusion_dist.train import engine as E
 from fusion_dist.train import prefix_cache
@@ -46,13 +47,15 @@ class StepMetrics:
     """The one place a step's numbers go: the history file (every step, rank 0), the console line and the
     tracker (every ``log_every`` steps and at each epoch end, averaged over the steps since the last line)."""
 
-    def __init__(self, path, tracker, denv: dist.DistEnv, log_every: int, global_batch: int, steps_per_epoch: int):
+    def __init__(self, path, tracker, denv: dist.DistEnv, log_every: int, global_batch: int, steps_per_epoch: int,
+                 epochs: int):
         self.path, self.tracker, self.denv = path, tracker, denv
         self.log_every, self.global_batch, self.steps_per_epoch = max(1, log_every), global_batch, steps_per_epoch
+        self.epochs = epochs
         self._reset()
 
     def _reset(self) -> None:
-        self.t0, self.steps, self.sums = time.perf_counter(), 0, {}
+        self.t0, self.steps, self.sums, self.tokens = time.perf_counter(), 0, {}, 0.0
 
     def truncate(self, global_step: int) -> None:
         """Drop the history past ``global_step`` (the steps a resumed run takes again)."""
@@ -63,13 +66,15 @@ class StepMetrics:
             atomic_write(self.path, "".join(ln + "\n" for ln in kept))
         self._reset()
 
-    def record(self, engine, state: TrainState, terms: dict[str, float]) -> None:
+    def record(self, engine, state: TrainState, terms: dict[str, float], tokens: float) -> None:
+        """``terms``: the step's loss terms; ``tokens``: the real text tokens it trained on, all ranks."""
         # the LM side's learning rate (train.lr; in stage 1 the head's, pretrain.lr), by group name
         lr = next(g["lr"] for g in engine.optimizer.param_groups if g["name"].startswith("lm"))
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else None
         step = state.global_step
         self.steps += 1
+        self.tokens += tokens
         for k, v in terms.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         if self.denv.is_main:
@@ -79,15 +84,24 @@ class StepMetrics:
         if step % self.log_every and state.step_in_epoch != self.steps_per_epoch:
             return
         elapsed = time.perf_counter() - self.t0
-        rate = self.steps * self.global_batch / max(elapsed, 1e-9)
+        rate, step_time = self.steps * self.global_batch / max(elapsed, 1e-9), elapsed / self.steps
         mean = {k: v / self.steps for k, v in self.sums.items()}
+        epoch_left = self.steps_per_epoch - state.step_in_epoch  # training steps only: validation comes on top
+        run_left = epoch_left + (self.epochs - state.epoch - 1) * self.steps_per_epoch
         log.info(f"step {step} (epoch {state.epoch + 1}, {state.step_in_epoch}/{self.steps_per_epoch}) | " +
-                 " ".join(f"{k} {v:.4f}" for k, v in mean.items()) + f" | lr {lr:.3e} | {rate:.1f} samples/s")
+                 " ".join(f"{k} {v:.4f}" for k, v in mean.items()) + f" | lr {lr:.3e} | " +
+                 rates(self.steps * self.global_batch, self.tokens, elapsed, "samples") +
+                 f" | ETA epoch {duration(epoch_left * step_time)}, run <= {duration(run_left * step_time)} | " +
+                 peak_memory(engine.device))
         metrics = {f"train/{k}": v for k, v in mean.items()}
-        metrics.update({"train/lr": lr, "train/samples_per_s": rate, "train/step_time_s": elapsed / self.steps})
+        metrics.update({"train/lr": lr, "train/samples_per_s": rate, "train/step_time_s": step_time,
+                        "train/tokens_per_s": self.tokens / max(elapsed, 1e-9)})
         if grad_norm is not None:
             metrics["train/grad_norm"] = grad_norm
         metrics.update({f"gate/{k}": v for k, v in gate_values(engine.module).items()})
+        nodes = dist.all_gather_object((self.denv.node, node_metrics(engine.device)) if self.denv.local_rank == 0
+                                       else None)  # each node's local rank 0 measures its node
+        metrics.update({f"system/{node}/{k}": v for node, values in filter(None, nodes) for k, v in values.items()})
         self.tracker.log_metrics(metrics, step)
         self._reset()
 
@@ -144,7 +158,7 @@ class SeedRun:
             model.prefix_cache = prefix_cache.prepare(model, cfg, self.data, self.collator, self.run_dir,
                                                       self.manifest, denv, self.engine.device)
         self.metrics = StepMetrics(self.run_dir.history(self.seed), self.tracker, denv, t.log_every_steps,
-                                   t.global_batch_size, self.steps_per_epoch)
+                                   t.global_batch_size, self.steps_per_epoch, t.epochs)
         self.reported = False
         log.info(f"seed {self.seed}: {self.stage} | {self.geometry} | {self.steps_per_epoch} steps/epoch, "
                  f"at most {t.epochs} epochs (early stopping after {t.patience} without improvement) | "
@@ -174,12 +188,15 @@ class SeedRun:
         engine.train()
         while state.step_in_epoch < self.steps_per_epoch:
             terms: dict[str, float] = {}
+            tokens = 0
             for a in range(accum):
                 # dropout/augmentation noise drawn from the micro-batch's position in the epoch, not from
                 # the rank: the same micro-batch gets the same noise on any number of ranks
                 position = (state.step_in_epoch * accum + a) * denv.world_size + denv.rank
                 torch.manual_seed(int(np.random.SeedSequence([self.seed, state.epoch, position]).generate_state(1)[0]))
-                out = engine(to_device(next(batches), engine.device))
+                batch = next(batches)
+                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0  # no text: stage 1
+                out = engine(to_device(batch, engine.device))
                 engine.backward(out.loss)
                 engine.step()
                 for k, v in {**out.losses, "loss": out.loss.detach()}.items():
@@ -187,8 +204,9 @@ class SeedRun:
             state.step_in_epoch += 1
             state.global_step += 1
             self._report_model_state()
-            terms, stop = dist.average_and_any(terms, self.preemption.requested)
-            self.metrics.record(engine, state, terms)
+            terms, stop = dist.average_and_any({**terms, "tokens": tokens}, self.preemption.requested)
+            tokens = terms.pop("tokens") * denv.world_size
+            self.metrics.record(engine, state, terms, tokens)
             tag = f"step{state.global_step}"
             if stop:
                 self.ckpt.save(engine, tag, state, denv)

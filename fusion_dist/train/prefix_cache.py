@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from fusion_dist.dist import log
 from fusion_dist.errors import UserError
 from fusion_dist.export import backbone_reference
 from fusion_dist.models.prefix import CHUNK, PrefixCache, chunks
+from fusion_dist.progress import Progress
 from fusion_dist.rundir import RunDir
 
 TOKENIZE_BATCH = 256
@@ -61,28 +61,8 @@ def _identity(model, cfg: Config, manifest: dict, work: list[list[tuple]], layou
             "kernel": model.attn_kernel, "torch": torch.__version__, "chunk": CHUNK}
 
 
-class _Progress:
-    """A line every ``INTERVAL_S`` while it computes, and one when done (rank 0 logs; the others count silently)."""
-
-    INTERVAL_S = 30.0
-
-    def __init__(self, work: list[list[tuple]], what: str):
-        self.done = [0]
-        for chunk in work:
-            self.done.append(self.done[-1] + len(chunk))
-        self.what, self.t0 = what, time.perf_counter()
-        self.last = self.t0
-
-    def __call__(self, chunks_done: int) -> None:
-        now = time.perf_counter()
-        finished = chunks_done == len(self.done) - 1
-        if not finished and now - self.last < self.INTERVAL_S:
-            return
-        self.last, elapsed = now, now - self.t0
-        frac = self.done[chunks_done] / max(1, self.done[-1])
-        eta = "done" if finished else f"ETA {elapsed * (1 - frac) / max(frac, 1e-9):.0f} s"
-        log.info(f"prefix cache: {self.done[chunks_done]}/{self.done[-1]} {self.what} ({100 * frac:.0f}%) | "
-                 f"{elapsed:.1f} s, {eta}")
+def _progress(work: list[list[tuple]], unit: str, device: torch.device) -> Progress:
+    return Progress("prefix cache", sum(map(len, work)), unit, device)
 
 
 def prepare(model, cfg: Config, data: dict, collator, run: RunDir, manifest: dict, denv: dist.DistEnv,
@@ -122,20 +102,22 @@ def prepare(model, cfg: Config, data: dict, collator, run: RunDir, manifest: dic
     if mode == "memory":
         if not reused:
             _KEPT.clear()
-            _KEPT[key] = PrefixCache.compute(rows_of, work, _Progress(work, "transcripts"))
+            _KEPT[key] = PrefixCache.compute(rows_of, work, _progress(work, "transcripts", device))
         return _KEPT[key]
     if not stored:
-        _write_store(directory, rows_of, work, layout, identity, denv)
+        _write_store(directory, rows_of, work, layout, identity, denv, device)
     return PrefixCache.open(directory)
 
 
-def _write_store(directory: Path, rows_of, work, layout, identity: dict, denv: dist.DistEnv) -> None:
+def _write_store(directory: Path, rows_of, work, layout, identity: dict, denv: dist.DistEnv,
+                 device: torch.device) -> None:
     if denv.is_main:
         shutil.rmtree(directory, ignore_errors=True)  # an unfinished store of this run (no meta.json)
         directory.mkdir(parents=True)
     dist.barrier()
     mine = work[denv.rank::denv.world_size]
-    PrefixCache.write_part(directory, denv.rank, rows_of, mine, _Progress(mine, "transcripts of rank 0's share"))
+    PrefixCache.write_part(directory, denv.rank, rows_of, mine, _progress(mine, "transcripts (rank 0's share)",
+                                                                          device))
     for _ in range(-(-len(work) // denv.world_size) - len(mine)):
         rows_of(torch.tensor(work[0]))  # the same number of layer calls on every rank (ZeRO-3 gathers)
     dist.barrier()

@@ -15,7 +15,7 @@ from fusion_dist.config import load_config
 from fusion_dist.data import ShardDataset, feature_dims
 from fusion_dist.errors import UserError
 from fusion_dist.models import build_model
-from fusion_dist.models.backbone import make_backbone
+from fusion_dist.models.presets import make_backbone
 from fusion_dist.models.prefix import PrefixCache
 from fusion_dist.predict import collator_for
 from fusion_dist.rundir import RunDir
@@ -49,7 +49,7 @@ def test_prefix_cache_size_reuse_and_staleness(engine_inputs, tmp_path, caplog, 
     caplog.set_level(logging.INFO, logger="fusion_dist")
 
     def size_line() -> str:
-        return [r.getMessage() for r in caplog.records if "GiB" in r.getMessage()][-1]
+        return [r.getMessage() for r in caplog.records if " GiB in " in r.getMessage()][-1]
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -2,7 +2,9 @@
 torchrun; the interrupted runs use the ``deepspeed`` launcher, so resuming also crosses launchers."""
 
 import csv
+import hashlib
 import json
+import re
 import shutil
 import signal
 import time
@@ -98,6 +100,76 @@ def test_run_dir_layout_and_export_predict(engine_inputs, ref_run, tmp_path):
     assert [row["prediction"] for row in csv.DictReader(pred.open())] == [row["prediction"] for row in mine]
     shutil.copytree(engine_inputs[1], moved / "backbone")
     assert run_cli(args[0], args[1:]).returncode == 0
+
+
+def test_console_shows_rates_eta_and_memory_and_no_start_up_noise(reference_run, engine_inputs, tmp_path):
+    run_dir, r = reference_run(zero=2, ranks=2)
+    steps = [ln for ln in r.stdout.splitlines() if ln.startswith("step ")]
+    assert steps and all(re.search(r"\| [\d.]+ samples/s, \d+ tokens/s \| ETA epoch \S+, run <= \S+ \| "
+                                   r"peak mem [\d.]+ GiB$", ln) for ln in steps), steps
+    for noise in ("Creating initial MLflow database tables", "Loading weights", "Setting accelerator to CPU"):
+        assert noise not in r.stdout + r.stderr, noise
+    p = run_cli("predict", [str(run_dir / "export"), str(engine_inputs[0]), "--out", str(tmp_path / "p.csv")])
+    n = sum(1 for _ in (tmp_path / "p.csv").open()) - 1
+    assert p.returncode == 0 and re.search(rf"predict test: {n}/{n} samples \(100%\) \| .* tokens/s .* done", p.stdout)
+
+
+def test_hub_backbone_is_recorded_and_loaded_at_its_commit(engine_inputs, ref_run, tmp_path):
+    """A hub backbone is exported as name + the commit it resolved to, and loads at that commit after the hub
+    moved on (an offline HF cache holding two commits of one repo; the hub is unreachable here)."""
+    from fusion_dist.config import from_yaml, to_yaml
+
+    other = tmp_path / "bb2"
+    assert run_cli("make-backbone", ["--arch", "gpt2", "--preset", "tiny", "--seed", "1", "--out", str(other)]).returncode == 0
+    repo = tmp_path / "hub" / "models--fusion-dist--tiny"
+    trained, newer = "a" * 40, "b" * 40
+    for commit, files in ((trained, engine_inputs[1]), (newer, other)):
+        shutil.copytree(files, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(trained)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    run = tmp_path / "run"
+    shutil.copytree(ref_run, run, ignore=shutil.ignore_patterns("export", "tracking", "mlruns", "*.db"))
+    cfg = from_yaml((run / "config.yaml").read_text())
+    cfg.model.backbone = "fusion-dist/tiny"
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    r = run_cli("export", [str(run), str(tmp_path / "exp")], env=env)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "exp" / "export.json").read_text())
+    assert meta["backbone"] == {"name": "fusion-dist/tiny", "local": False, "revision": trained}
+    # --hub: the same export plus a model card naming the base model at that commit, the metrics and the data
+    r = run_cli("export", [str(run), str(tmp_path / "hub-exp"), "--hub"], env=env)
+    assert r.returncode == 0 and "huggingface-cli upload" in r.stdout, r.stderr
+    card = (tmp_path / "hub-exp" / "README.md").read_text()
+    front = card.split("---")[1]
+    assert 'base_model: "fusion-dist/tiny"' in front and "library_name: fusion-dist" in front
+    assert f"at commit `{trained}`" in card and "fusion-dist train config.yaml" in card
+    summary = json.loads((run / "metrics.json").read_text())
+    assert f"| seed 0 | {summary['seeds']['0']['test']['Has0_acc_2']:.4f} |" in card
+    assert f"| mean ± std | {summary['mean']['test']['Has0_acc_2']:.4f} ± " in card
+    sha = hashlib.sha256((engine_inputs[0] / "manifest.json").read_bytes()).hexdigest()
+    assert f"manifest sha256 `{sha}`" in card
+    assert sorted(p.name for p in (tmp_path / "hub-exp").iterdir()) == ["README.md", "config.yaml", "export.json",
+                                                                          "model.safetensors"]
+    from fusion_dist.hub import model_card
+    from fusion_dist.tracking import dataset_input
+
+    local = json.loads((ref_run / "export" / "export.json").read_text())  # a local backbone: no base_model
+    card = model_card(cfg, local, summary, dataset_input(str(engine_inputs[0]), json.loads(
+        (engine_inputs[0] / "manifest.json").read_text())))
+    assert "base_model" not in card and f"fingerprint `{local['backbone']['fingerprint']}`" in card
+
+    (repo / "refs" / "main").write_text(newer)  # the hub repo moved on
+    want = [float(row["prediction"]) for row in csv.DictReader((ref_run / "predictions/test.csv").open())]
+    preds = {}
+    for commit in (trained, newer):
+        meta["backbone"]["revision"] = commit
+        (tmp_path / "exp" / "export.json").write_text(json.dumps(meta))
+        r = run_cli("predict", [str(tmp_path / "exp"), str(engine_inputs[0]), "--out", str(tmp_path / "p.csv")], env=env)
+        assert r.returncode == 0, r.stderr
+        preds[commit] = [float(row["prediction"]) for row in csv.DictReader((tmp_path / "p.csv").open())]
+    assert preds[trained] == pytest.approx(want, abs=1e-5)
+    assert preds[newer] != pytest.approx(want, abs=1e-3)  # the other commit's weights: what loading by name gives
 
 
 def test_two_rank_evaluation_equals_one_rank(engine_inputs, ref_run, tmp_path):

@@ -14,7 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from fusion_dist.models.backbone import make_backbone
+from fusion_dist.models.presets import make_backbone
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs/test/deepmlf_tiny_gpt2.yaml")
 
