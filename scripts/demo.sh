@@ -64,6 +64,10 @@ $FD evaluate configs/demo/deepmlf_tiny.yaml "${COMMON[@]}" run.dir="$OUT/runs/de
 step "9. register the model in MLflow (pyfunc; alias @champion if its test MAE is the best so far)"
 $FD register "$OUT/runs/deepmlf_tiny" --bundle-backbone  # the backbone travels with the model: it loads anywhere
 
+STORE="sqlite:///$(cd "$OUT" && pwd)/runs/deepmlf_tiny/mlflow.db"
 echo
 echo "Demo finished. Look at the runs and the registered model in the MLflow UI:"
-echo "  .venv/bin/mlflow ui --backend-store-uri sqlite:///$(cd "$OUT" && pwd)/runs/deepmlf_tiny/mlflow.db"
+echo "  .venv/bin/mlflow ui --backend-store-uri $STORE"
+echo "Load the model from any directory (it carries its backbone), or serve it over REST:"
+echo "  MLFLOW_TRACKING_URI=$STORE $PWD/.venv/bin/python -c \"import mlflow; m = mlflow.pyfunc.load_model('models:/fusion-dist-mosi-deepmlf@champion')\""
+echo "  MLFLOW_TRACKING_URI=$STORE PATH=$PWD/.venv/bin:\$PATH mlflow models serve -m models:/fusion-dist-mosi-deepmlf@champion --env-manager local -p 5001"
