@@ -7,7 +7,9 @@ returns an exit code; ``UserError`` (``ConfigError`` is one) becomes a one-line 
 
 from __future__ import annotations
 
+import glob
 import importlib
+import logging
 import os
 import sys
 
@@ -40,12 +42,23 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+class _NoCpuGuess(logging.Filter):
+    """DeepSpeed's "Setting accelerator to CPU" warning, on a machine without an NVIDIA device: nothing to detect."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Setting accelerator to CPU" not in record.getMessage()
+
+
 def quiet_start() -> None:
-    """Keep the libraries' start-up chatter out of the log (set the variables to see it again): transformers'
-    weight-loading bars where stderr is no terminal, MLflow's INFO lines (database creation, "View run at")."""
+    """Keep the libraries' start-up chatter out of the log (set the variables to see it again): transformers' and
+    MLflow's progress bars where stderr is no terminal, MLflow's INFO lines (database creation, "View run at"), and
+    DeepSpeed's accelerator guess where there is no GPU to miss."""
     if not sys.stderr.isatty():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    if not glob.glob("/dev/nvidia[0-9]*"):
+        logging.getLogger("DeepSpeed").addFilter(_NoCpuGuess())
 
 
 def main(argv: list[str] | None = None) -> int:
