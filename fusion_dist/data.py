@@ -160,6 +160,12 @@ class RankSampler(torch.utils.data.Sampler[int]):
         return max(0, len(self.indices()) - self.skip)
 
 
+def text_tokens(batch: dict) -> int:
+    """The real text tokens of a collated batch (0 without text: the stage-1 AV pretrainer's batches)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else 0
+
+
 class Collator:
     """list of samples -> batch dict (the batch contract the models read).
 

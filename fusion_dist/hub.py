@@ -19,13 +19,16 @@ from fusion_dist.rundir import atomic_write
 CARD = "README.md"
 
 
+def _cell(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
 def _metrics_table(summary: dict) -> str:
     names = MOSI_NAMES if summary["metric_set"] == "mosi" else SIMS_NAMES
-    cell = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:.4f}"  # noqa: E731
-    rows = [f"| seed {s} | " + " | ".join(cell(r["test"].get(n)) for n in names) + " |"
+    rows = [f"| seed {s} | " + " | ".join(_cell(r["test"].get(n)) for n in names) + " |"
             for s, r in summary["seeds"].items()]
     mean, std = summary["mean"]["test"], summary["std"]["test"]
-    rows.append("| mean ± std | " + " | ".join(f"{cell(mean[n])} ± {cell(std[n])}" for n in names) + " |")
+    rows.append("| mean ± std | " + " | ".join(f"{_cell(mean[n])} ± {_cell(std[n])}" for n in names) + " |")
     return "\n".join([f"| | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|", *rows])
 
 

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from fusion_dist import dist
-from fusion_dist.data import Collator, RankSampler, ShardDataset
+from fusion_dist.data import Collator, RankSampler, ShardDataset, text_tokens
 from fusion_dist.progress import Progress
 from fusion_dist.rundir import atomic_write
 
@@ -43,8 +43,7 @@ def predict_module(forward: Callable | torch.nn.Module, samples, collator: Colla
             preds += out.prediction.float().cpu().tolist()
             labels += batch["label"].tolist()
             if shown:
-                mask = batch.get("attention_mask")
-                shown.update(len(batch["ids"]), int(mask.sum()) if mask is not None else 0)
+                shown.update(len(batch["ids"]), text_tokens(batch))
     return ids, preds, labels
 
 

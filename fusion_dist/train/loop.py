@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from fusion_dist import dist
 from fusion_dist.config import Config, batch_geometry
-from fusion_dist.data import RankSampler, ShardDataset, metric_set
+from fusion_dist.data import RankSampler, ShardDataset, metric_set, text_tokens
 from fusion_dist.dist import log
 from fusion_dist.metrics import json_safe, mmsa_metrics
 from fusion_dist.models.backbone import gathered
@@ -195,7 +195,7 @@ class SeedRun:
                 position = (state.step_in_epoch * accum + a) * denv.world_size + denv.rank
                 torch.manual_seed(int(np.random.SeedSequence([self.seed, state.epoch, position]).generate_state(1)[0]))
                 batch = next(batches)
-                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0  # no text: stage 1
+                tokens += text_tokens(batch)
                 out = engine(to_device(batch, engine.device))
                 engine.backward(out.loss)
                 engine.step()
