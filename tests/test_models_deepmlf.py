@@ -214,9 +214,12 @@ def test_reference_switches_cross_attention_scale_fusion_positions_and_encoder_n
     assert count(with_norm) - count(without) == 2 * 2 * with_norm.cfg.av.d_enc  # a LayerNorm per modality
 
 
-def test_fused_ops_compute_the_same_function(backbones):
+def test_fused_ops_compute_the_same_function(backbones, monkeypatch):
     """``model.fused_ops``: GPT-2's element-wise gelu_new becomes PyTorch's fused tanh GELU, in the frozen LM
-    and in the FFW copies, the LM loss runs at real token pairs only, and the model computes the same function."""
+    and in the FFW copies, the LM loss runs at real token pairs only, in logit chunks with its gradient taken in the
+    forward pass, and the model computes the same function: prediction, LM loss and every gradient."""
+    from fusion_dist.models import fusion_lm
+
     from transformers.activations import NewGELUActivation
 
     x = torch.randn(16, 48, 256) * 4
@@ -233,9 +236,21 @@ def test_fused_ops_compute_the_same_function(backbones):
     assert not batch["attention_mask"].all()  # padding, which the fused LM loss skips
     torch.testing.assert_close(on(batch).prediction, off(batch).prediction, atol=1e-5, rtol=1e-5)
     on.train(), off.train()
+    vocabulary = on.adapter.lm_head.weight.shape[0]
+    monkeypatch.setattr(fusion_lm, "LOGIT_CHUNK", 4 * vocabulary)  # chunks of 4 rows, the last one shorter
+    losses, grads = [], []
     for model in (on, off):
         model.mm_blocks.apply(lambda m: setattr(m, "p", 0.0) if isinstance(m, torch.nn.Dropout) else None)
-    torch.testing.assert_close(on(batch).losses["lm"], off(batch).losses["lm"], atol=1e-5, rtol=1e-5)
+        out = model(batch)
+        (2.0 * out.loss).backward()  # an upstream gradient other than 1 reaches the LM term
+        losses.append(out.losses["lm"])
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert int((batch["attention_mask"][:, 1:] & batch["attention_mask"][:, :-1]).sum()) % 4  # a short last chunk
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and grads[0]["fusion_tokens"].abs().sum() > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+    assert on.adapter.lm_head.weight.grad is None
 
 
 def test_the_lm_loss_is_a_training_term_only(backbones):

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from fusion_dist.config import ModelConfig
 from fusion_dist.errors import UserError
 from fusion_dist.models.augment import TextAugment
-from fusion_dist.models.backbone import LMAdapter, fuse_activations, lm_dropout_rate
+from fusion_dist.models.backbone import LMAdapter, fuse_activations, gathered, lm_dropout_rate
 from fusion_dist.models.prefix import AfterTextKV, KeepKV, PrefixCache, RowLayout, run_prefix
 
 
@@ -58,6 +58,38 @@ def group_attention_mask(text_valid: torch.Tensor, group_sizes: list[int], sees:
     allowed = allowed | torch.eye(S, dtype=torch.bool, device=device)
     mask = torch.zeros(B, 1, S, S, dtype=dtype, device=device)
     return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+
+LOGIT_CHUNK = 1 << 22  # logits per chunk of the fused LM loss (16 MB in fp32: a chunk stays in cache)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean next-token cross-entropy of ``h @ weight.T + bias`` against ``target``, the frozen head's logits made and
+    used chunk by chunk: each chunk's gradient w.r.t. ``h``, (softmax - onehot) @ weight, is taken while its logits
+    are in cache, so the (N, vocabulary) logits are never stored, nor read again in backward. Same value and
+    gradient as ``F.cross_entropy(F.linear(h, weight, bias).float(), target)``; the head gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target):
+        n = h.shape[0]
+        rows = max(1, LOGIT_CHUNK // weight.shape[0])
+        grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, n, rows):
+            logp = F.linear(h[i:i + rows], weight, bias).float().log_softmax(-1)
+            picked = torch.arange(logp.shape[0], device=h.device), target[i:i + rows]
+            total -= logp[picked].sum()
+            if grad is not None:
+                probs = logp.exp_()
+                probs[picked] -= 1
+                torch.mm(probs.to(h.dtype), weight, out=grad[i:i + rows])
+        ctx.save_for_backward(grad)
+        return total / max(n, 1)
+
+    @staticmethod
+    def backward(ctx, upstream):
+        (grad,) = ctx.saved_tensors
+        return grad * (upstream / max(grad.shape[0], 1)).to(grad.dtype), None, None, None
 
 
 def _call(module: nn.Module, recompute: bool, *args, **kwargs) -> torch.Tensor:
@@ -215,9 +247,12 @@ class FusionLM(nn.Module):
         if not self.lm_loss_on:
             return None
         pairs = text_valid[:, 1:] & text_valid[:, :-1]
-        if self.cfg.fused_ops:  # a (B, T) slice of the sequence would run as a batched matmul, padding included
-            logits = self.adapter.lm_head(text_states[:, :-1][pairs]).float()
-            return F.cross_entropy(logits, input_ids[:, 1:][pairs])
+        head = self.adapter.lm_head
+        if self.cfg.fused_ops and not any(p.requires_grad for p in head.parameters()):
+            # real pairs only (a (B, T) slice would run as a batched matmul, padding included), in row chunks
+            with gathered(head.parameters()):
+                return LinearCrossEntropy.apply(text_states[:, :-1][pairs], head.weight, head.bias,
+                                                input_ids[:, 1:][pairs])
         logits = self.adapter.lm_head(text_states[:, :-1]).float()
         target = input_ids[:, 1:].masked_fill(~pairs, -100)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
