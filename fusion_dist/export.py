@@ -204,6 +204,7 @@ def main_export(argv: list[str]) -> int:
     args = p.parse_args(argv)
     run = RunDir(args.run_dir)
     cfg = run.read_config()
+    cfg.model.backbone = run.trained_backbone(cfg.model.backbone)
     check_export_target(Path(args.out), run.root)
     stage, ckpt = run.best_checkpoint(args.seed)
     if args.hub and (stage != TRAIN or not run.metrics.is_file()):

@@ -4,6 +4,8 @@ and best checkpoints, the resume guard, and the metric summaries.
 ::
 
     config.yaml  ds_config.json  stage  metrics.json  predictions/<split>[-seed<S>].csv  export/
+    backbone.json                  the backbone the run trains with, from its first start (a hub name's commit,
+                                   a local directory's fingerprint): seeds, resumes and exports use that one
     checkpoints/seed<S>/step<N>/   a checkpoint (train/checkpoint.py): DeepSpeed states without frozen weights,
                                    trainable.safetensors, train_state*, and ``complete`` once every rank saved
     checkpoints/seed<S>/latest     the tag to resume from, written after ``complete``
@@ -65,6 +67,7 @@ class RunDir:
     config = _file("config.yaml")
     ds_config = _file("ds_config.json")
     stage_file = _file("stage")
+    backbone = _file("backbone.json")
     metrics = _file("metrics.json")
     export = _file("export")
     logs = _file("logs")
@@ -89,6 +92,17 @@ class RunDir:
         if not self.config.is_file():
             raise UserError(f"{self.root}: not a run directory (no {self.config.name})")
         return from_yaml(self.config.read_text())
+
+    def has_checkpoints(self) -> bool:
+        return any(self.checkpoints().glob("seed*/step*"))
+
+    def trained_backbone(self, backbone: str) -> str:
+        """What ``model.backbone`` loads for this run: a hub name at the commit ``backbone.json`` recorded when the
+        run started (the hub may have moved since), anything else as given."""
+        if not self.backbone.is_file():
+            return backbone
+        kept = json.loads(self.backbone.read_text())
+        return backbone if kept.get("local") or not kept.get("revision") else f"{kept['name']}@{kept['revision']}"
 
     def stage(self) -> str:
         if not self.stage_file.is_file():
@@ -122,7 +136,7 @@ class RunDir:
     def check_resumable(self, cfg: Config, stage: str, training: bool = True) -> list[str]:
         """Refuse to continue (``training``) or evaluate a run with values its checkpoints cannot take, naming each
         key old -> new; returns the changed keys that do apply."""
-        if not self.config.is_file() or not any(self.checkpoints().glob("seed*/step*")):
+        if not self.config.is_file() or not self.has_checkpoints():
             return []
         if self.stage_file.is_file() and self.stage() != stage:
             raise UserError(f"{self.root}: holds a '{self.stage()}' run, not '{stage}'")

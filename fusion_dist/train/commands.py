@@ -20,6 +20,7 @@ import json
 import math
 import shutil
 import signal
+from dataclasses import replace
 
 from safetensors.torch import load_file
 
@@ -30,7 +31,8 @@ from fusion_dist.config import (
 )
 from fusion_dist.data import ShardDataset, check_root, feature_dims, metric_set, read_manifest
 from fusion_dist.dist import log
-from fusion_dist.export import check_export_target, write_export
+from fusion_dist.errors import UserError
+from fusion_dist.export import backbone_reference, check_export_target, write_export
 from fusion_dist.models.build import build_for_stage, rebuild
 from fusion_dist.predict import collator_for
 from fusion_dist.rundir import RunDir, atomic_write, best_seed, summarize, summary_text, write_json
@@ -84,14 +86,19 @@ def setup(cfg: Config, stage: str, restart: bool = False):
         raise ConfigError(f"model.loss.unimodal_labels=true: {cfg.data.root} has no unimodal labels (label_T, label_A, "
                           "label_V; CH-SIMS has them)")
     E.return_freed_memory_promptly()
+    run = RunDir(cfg.run.dir)
+    # config.yaml and the resume guard keep model.backbone as given; what loads is the run's own (backbone.json)
+    loads = replace(cfg, model=replace(cfg.model, backbone=cfg.model.backbone if restart else
+                                       run.trained_backbone(cfg.model.backbone)))
     if stage == TRAIN:
-        _check_model_inputs(cfg)
-    shape = build_for_stage(cfg, stage, feature_dims(manifest), meta=True)
+        _check_model_inputs(loads)
+    shape = build_for_stage(loads, stage, feature_dims(manifest), meta=True)
     ds_config = E.deepspeed_config(cfg.train, denv.world_size, sum(p.numel() for p in shape.parameters()
                                                                    if p.requires_grad))
     del shape
-    run = RunDir(cfg.run.dir)
     check_export_target(run.export, run.root)
+    if stage == TRAIN and not restart:
+        check_backbone(run, cfg.model.backbone)
     if not restart:
         applied = run.check_resumable(cfg, stage)
         for seed in cfg.run.seeds:
@@ -108,8 +115,25 @@ def setup(cfg: Config, stage: str, restart: bool = False):
         atomic_write(run.config, to_yaml(cfg))
         atomic_write(run.ds_config, json.dumps(ds_config, indent=2))
         atomic_write(run.stage_file, stage)
+        if stage == TRAIN and not (run.backbone.is_file() and run.has_checkpoints()):
+            write_json(run.backbone, backbone_reference(cfg.model.backbone))
     dist.barrier()
+    if stage == TRAIN:
+        cfg.model.backbone = run.trained_backbone(cfg.model.backbone)
     return denv, manifest, ds_config, run
+
+
+def check_backbone(run: RunDir, backbone: str) -> None:
+    """Refuse to continue a run whose local backbone directory no longer holds what its checkpoints were trained
+    on (a hub backbone cannot change: the run loads the commit it started at)."""
+    if not (run.has_checkpoints() and run.backbone.is_file()):
+        return
+    kept = json.loads(run.backbone.read_text())
+    now = backbone_reference(backbone) if kept.get("local") else None
+    if now and now.get("fingerprint") != kept.get("fingerprint"):
+        raise UserError(f"model.backbone: {backbone} holds other config or weights than when {run.root} started "
+                        f"(fingerprint {str(now.get('fingerprint'))[:12]}, {run.backbone} has "
+                        f"{kept['fingerprint'][:12]}); put the original back, or use a new run.dir or --restart")
 
 
 def study_axes(cfg: Config) -> dict[str, int]:
@@ -164,6 +188,9 @@ def evaluate_command(cfg: Config) -> int:
     stage = run.stage()
     cfg = stage_config(cfg, stage)
     run.check_resumable(cfg, stage, training=False)
+    if stage == TRAIN:
+        check_backbone(run, cfg.model.backbone)
+        cfg.model.backbone = run.trained_backbone(cfg.model.backbone)
     data = {s: ShardDataset(cfg.data.root, s) for s in ("valid", "test")}
     results = {}
     for seed in cfg.run.seeds:

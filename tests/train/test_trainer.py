@@ -172,6 +172,60 @@ def test_hub_backbone_is_recorded_and_loaded_at_its_commit(engine_inputs, ref_ru
     assert preds[newer] != pytest.approx(want, abs=1e-3)  # the other commit's weights: what loading by name gives
 
 
+def test_a_run_keeps_the_backbone_it_started_with(engine_inputs, ref_run, tmp_path):
+    """RUN_DIR/backbone.json: a hub backbone is used at the commit it had when the run started, by a rerun, by
+    ``evaluate`` and by a later ``export``, after the hub moved on to a commit the run does not fit; a local backbone
+    directory whose content changed is refused, naming the file."""
+    from fusion_dist.config import from_yaml, to_yaml
+
+    repo = tmp_path / "hub" / "models--fusion-dist--tiny"
+    trained, newer = "a" * 40, "b" * 40
+    for commit in (trained, newer):
+        shutil.copytree(engine_inputs[1], repo / "snapshots" / commit)
+    shallow = json.loads((repo / "snapshots" / newer / "config.json").read_text())
+    shallow["n_layer"] = 2  # model.mm_layers=[1, 3] does not fit: whatever loads this commit fails
+    (repo / "snapshots" / newer / "config.json").write_text(json.dumps(shallow))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(trained)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    run = tmp_path / "run"
+    args = base_args(engine_inputs, run, *EXACT, "train.epochs=1", "model.backbone=fusion-dist/tiny")
+    r = run_cli("train", args, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((run / "backbone.json").read_text()) == {"name": "fusion-dist/tiny", "local": False,
+                                                              "revision": trained}
+    assert from_yaml((run / "config.yaml").read_text()).model.backbone == "fusion-dist/tiny"  # as given
+    metrics = json.loads((run / "metrics.json").read_text())
+
+    (repo / "refs" / "main").write_text(newer)  # the hub moved on
+    shutil.rmtree(run / "export")
+    r = run_cli("train", args, env=env)  # a rerun (every seed finished): checked and exported at the run's commit
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("evaluate", args, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["mean"]["test"] == pytest.approx(metrics["mean"]["test"], rel=1e-5)
+    r = run_cli("export", [str(run), str(tmp_path / "exp")], env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for export in (run / "export", tmp_path / "exp"):
+        assert json.loads((export / "export.json").read_text())["backbone"]["revision"] == trained
+    (run / "backbone.json").unlink()
+    assert run_cli("evaluate", args, env=env).returncode != 0  # by name alone: the newer commit, which does not fit
+
+    local, copy = tmp_path / "bb-local", tmp_path / "run-local"
+    shutil.copytree(engine_inputs[1], local)
+    shutil.copytree(ref_run, copy, ignore=shutil.ignore_patterns("export", "tracking", "mlruns", "*.db"))
+    cfg = from_yaml((copy / "config.yaml").read_text())
+    cfg.model.backbone, cfg.run.dir = str(local), str(copy)
+    (copy / "config.yaml").write_text(to_yaml(cfg))
+    changed = json.loads((local / "config.json").read_text())
+    changed["layer_norm_epsilon"] = 1e-6
+    (local / "config.json").write_text(json.dumps(changed))
+    args = base_args(engine_inputs, copy, *EXACT, "train.zero_stage=2", f"model.backbone={local}")
+    r = run_cli("train", args)
+    assert r.returncode == 2 and f"{local} holds other config or weights" in r.stderr, r.stderr[-3000:]
+    assert "backbone.json" in r.stderr
+
+
 def test_two_rank_evaluation_equals_one_rank(engine_inputs, ref_run, tmp_path):
     args = base_args(engine_inputs, ref_run, *EXACT, "train.zero_stage=2", "train.eval_batch_size=5")
     r1 = run_cli("evaluate", args, ranks=1)
