@@ -232,7 +232,7 @@ def test_two_rank_evaluation_equals_one_rank(engine_inputs, ref_run, tmp_path):
     assert r1.returncode == 0, r1.stderr[-3000:]
     one = json.loads((ref_run / "metrics.json").read_text()), list(csv.DictReader((ref_run / "predictions/test.csv").open()))
     r2 = run_cli("evaluate", args, ranks=2)
-    assert r2.returncode == 0, r2.stdout[-3000:]
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     two = json.loads((ref_run / "metrics.json").read_text()), list(csv.DictReader((ref_run / "predictions/test.csv").open()))
     # same samples, once each, same order; predictions equal up to float noise from other batch padding
     assert [(r["id"], r["label"]) for r in one[1]] == [(r["id"], r["label"]) for r in two[1]]
