@@ -98,11 +98,13 @@ class RunDir:
 
     def trained_backbone(self, backbone: str) -> str:
         """What ``model.backbone`` loads for this run: a hub name at the commit ``backbone.json`` recorded when the
-        run started (the hub may have moved since), anything else as given."""
+        run started (the hub may have moved since), anything else (another name included) as given."""
         if not self.backbone.is_file():
             return backbone
         kept = json.loads(self.backbone.read_text())
-        return backbone if kept.get("local") or not kept.get("revision") else f"{kept['name']}@{kept['revision']}"
+        if kept.get("local") or not kept.get("revision") or backbone.split("@", 1)[0] != kept["name"]:
+            return backbone
+        return f"{kept['name']}@{kept['revision']}"
 
     def stage(self) -> str:
         if not self.stage_file.is_file():
