@@ -79,6 +79,20 @@ def backbone_reference(name_or_dir: str) -> dict:
     return {"name": name_or_dir, "local": True, "path": str(path.resolve()), "fingerprint": fingerprint(path)}
 
 
+def check_backbone(run: RunDir, backbone: str) -> None:
+    """Refuse to continue, evaluate or export a run whose local backbone directory no longer holds what its
+    checkpoints were trained on (a hub backbone cannot change: the run loads the commit it started at)."""
+    if not (run.has_checkpoints() and run.backbone.is_file()):
+        return
+    kept = json.loads(run.backbone.read_text())
+    now = backbone_reference(backbone) if kept.get("local") else None
+    if now and now.get("fingerprint") != kept.get("fingerprint"):
+        here = f"fingerprint {now['fingerprint'][:12]}" if now.get("fingerprint") else "not a local directory"
+        raise UserError(f"model.backbone: {backbone} holds other config or weights than {run.root} was trained with "
+                        f"({here}; {run.backbone}: {kept['name']}, fingerprint {kept['fingerprint'][:12]}); put the "
+                        "original back, or use a new run.dir or --restart")
+
+
 def _search_path() -> list[Path]:
     """``$FUSION_DIST_BACKBONES``: each directory, and the model directories directly inside it."""
     out = []
@@ -204,6 +218,7 @@ def main_export(argv: list[str]) -> int:
     args = p.parse_args(argv)
     run = RunDir(args.run_dir)
     cfg = run.read_config()
+    check_backbone(run, cfg.model.backbone)
     cfg.model.backbone = run.trained_backbone(cfg.model.backbone)
     check_export_target(Path(args.out), run.root)
     stage, ckpt = run.best_checkpoint(args.seed)

@@ -31,8 +31,7 @@ from fusion_dist.config import (
 )
 from fusion_dist.data import ShardDataset, check_root, feature_dims, metric_set, read_manifest
 from fusion_dist.dist import log
-from fusion_dist.errors import UserError
-from fusion_dist.export import backbone_reference, check_export_target, write_export
+from fusion_dist.export import backbone_reference, check_backbone, check_export_target, write_export
 from fusion_dist.models.build import build_for_stage, rebuild
 from fusion_dist.predict import collator_for
 from fusion_dist.rundir import RunDir, atomic_write, best_seed, summarize, summary_text, write_json
@@ -121,19 +120,6 @@ def setup(cfg: Config, stage: str, restart: bool = False):
     if stage == TRAIN:
         cfg.model.backbone = run.trained_backbone(cfg.model.backbone)
     return denv, manifest, ds_config, run
-
-
-def check_backbone(run: RunDir, backbone: str) -> None:
-    """Refuse to continue a run whose local backbone directory no longer holds what its checkpoints were trained
-    on (a hub backbone cannot change: the run loads the commit it started at)."""
-    if not (run.has_checkpoints() and run.backbone.is_file()):
-        return
-    kept = json.loads(run.backbone.read_text())
-    now = backbone_reference(backbone) if kept.get("local") else None
-    if now and now.get("fingerprint") != kept.get("fingerprint"):
-        raise UserError(f"model.backbone: {backbone} holds other config or weights than when {run.root} started "
-                        f"(fingerprint {str(now.get('fingerprint'))[:12]}, {run.backbone} has "
-                        f"{kept['fingerprint'][:12]}); put the original back, or use a new run.dir or --restart")
 
 
 def study_axes(cfg: Config) -> dict[str, int]:

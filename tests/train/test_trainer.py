@@ -129,7 +129,8 @@ def test_hub_backbone_is_recorded_and_loaded_at_its_commit(engine_inputs, ref_ru
     (repo / "refs" / "main").write_text(trained)
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     run = tmp_path / "run"
-    shutil.copytree(ref_run, run, ignore=shutil.ignore_patterns("export", "tracking", "mlruns", "*.db"))
+    # a run trained on the hub name: the reference run's files, without its record of a local backbone
+    shutil.copytree(ref_run, run, ignore=shutil.ignore_patterns("export", "tracking", "mlruns", "*.db", "backbone.json"))
     cfg = from_yaml((run / "config.yaml").read_text())
     cfg.model.backbone = "fusion-dist/tiny"
     (run / "config.yaml").write_text(to_yaml(cfg))
@@ -175,7 +176,7 @@ def test_hub_backbone_is_recorded_and_loaded_at_its_commit(engine_inputs, ref_ru
 def test_a_run_keeps_the_backbone_it_started_with(engine_inputs, ref_run, tmp_path):
     """RUN_DIR/backbone.json: a hub backbone is used at the commit it had when the run started, by a rerun, by
     ``evaluate`` and by a later ``export``, after the hub moved on to a commit the run does not fit; a local backbone
-    directory whose content changed is refused, naming the file."""
+    directory whose content changed is refused by a resume and an export, naming the file."""
     from fusion_dist.config import from_yaml, to_yaml
 
     repo = tmp_path / "hub" / "models--fusion-dist--tiny"
@@ -224,6 +225,8 @@ def test_a_run_keeps_the_backbone_it_started_with(engine_inputs, ref_run, tmp_pa
     r = run_cli("train", args)
     assert r.returncode == 2 and f"{local} holds other config or weights" in r.stderr, r.stderr[-3000:]
     assert "backbone.json" in r.stderr
+    r = run_cli("export", [str(copy), str(tmp_path / "exp-local")])  # nor exported as if trained on it
+    assert r.returncode == 2 and f"{local} holds other config or weights" in r.stderr, r.stderr[-3000:]
 
 
 def test_two_rank_evaluation_equals_one_rank(engine_inputs, ref_run, tmp_path):
