@@ -253,6 +253,41 @@ def test_fused_ops_compute_the_same_function(backbones, monkeypatch):
     assert on.adapter.lm_head.weight.grad is None
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_fused_lora_is_peft_lora(backbones, arch):
+    """``model.fused_ops`` with LoRA: each adapter's product is added into its base output by one addmm (the scaling
+    as its alpha); output, input gradient and every adapter gradient are peft's own, with the same dropout draws."""
+    from fusion_dist.models.mm_block import lora_addmm_forward
+
+    models = [build(backbones, arch, fused_ops=fused, lora__enabled=True, lora__r=4, lora__alpha=32,
+                    lora__dropout=0.5).train() for fused in (True, False)]
+    ffws = [m.mm_blocks["1"].ffw for m in models]
+    on, off = ffws
+    installed = lambda ffw: [getattr(m.forward, "__func__", None) is lora_addmm_forward  # noqa: E731
+                             for m in ffw.modules() if hasattr(m, "lora_A")]
+    assert installed(on) and all(installed(on)) and not any(installed(off))
+    for name, p in on.named_parameters():
+        if "lora_B" in name:  # zeros at init: give the adapters a product to add
+            torch.nn.init.normal_(p, std=0.1)
+    off.load_state_dict(on.state_dict())
+    x = torch.randn(2, 5, models[0].adapter.hidden_size)
+    results = []
+    for ffw in ffws:
+        torch.manual_seed(1)
+        xi = x.clone().requires_grad_()
+        y = ffw(xi)
+        (y * torch.linspace(-1, 2, y.shape[-1])).sum().backward()
+        results.append((y, xi.grad, {n: p.grad for n, p in ffw.named_parameters() if p.requires_grad}))
+    (y_on, gx_on, g_on), (y_off, gx_off, g_off) = results
+    torch.testing.assert_close(y_on, y_off, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gx_on, gx_off, atol=1e-5, rtol=1e-4)
+    assert g_on.keys() == g_off.keys() and any("lora_A" in n for n in g_on)
+    for name in g_on:
+        torch.testing.assert_close(g_on[name], g_off[name], atol=1e-5, rtol=1e-4, msg=name)
+    torch.manual_seed(1)
+    assert not torch.allclose(on(x), on.eval()(x))  # the dropout ran: the draws above were compared
+
+
 def test_the_lm_loss_is_a_training_term_only(backbones):
     model = build_model(tiny_cfg(backbones["gpt2"]), AUDIO_DIM, VISION_DIM)
     batch = make_batch(model.tokenizer)
