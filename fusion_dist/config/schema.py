@@ -186,8 +186,8 @@ class ModelConfig:
     """Train the decoder layers up to the first MM block with autograd over the fusion tokens only (exact: the text
     there depends on nothing trainable). Needs a 4-D mask kernel (sdpa, eager); ``false``: the whole sequence."""
     fused_ops: bool = True
-    """Same results, faster: GPT-2's ``gelu_new`` as the fused tanh GELU; the LM loss at real token pairs, in logit
-    chunks; no LM loss: the last layer runs only the positions the heads read (``false``: every position)."""
+    """Same results, faster: GPT-2's ``gelu_new`` as the fused tanh GELU; LoRA's product added by one addmm; the LM
+    loss at real token pairs, in logit chunks; no LM loss: the last layer runs only the positions the heads read."""
     lm_dropout: bool = False
     """Run the frozen LM's own dropout at train time (its weights stay frozen). The reference runs GPT-2 this way
     (0.1 on residuals, attention and embeddings); ``false`` runs it as at inference. Llama-family backbones such

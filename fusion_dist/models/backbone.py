@@ -66,8 +66,13 @@ def gathered(params: Iterable[nn.Parameter], modifier_rank: int | None = None):
     params = list(params)
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed  # only needed when the model is partitioned
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+        if modifier_rank is None:  # one already whole (persistent, or held by a running module) is read as it is:
+            # the context's exit would partition it under the module holding it
+            params = [p for p in params if getattr(p, "ds_status", None) != ZeroParamStatus.AVAILABLE]
+        if params:
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
     return contextlib.nullcontext()
 
 

@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from conftest import base_args, history, run_cli
 from fusion_dist.models.presets import make_backbone
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs/test/deepmlf_tiny_gpt2.yaml")
@@ -123,3 +124,16 @@ def test_zero3_partitions_backbone_copies_mlp_and_exports_full_weights(tmp_path)
     outs = [p.communicate(timeout=240)[0] for p in procs]
     for r, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0 and f"zero3 ok {r}" in out, "\n".join(o[-3000:] for o in outs)
+
+
+def test_zero3_reads_whole_small_parameters_in_place(engine_inputs, tmp_path):
+    """With DeepSpeed's default persistence, ZeRO-3 keeps small tensors whole; the fused LM loss reads the tied head
+    (Llama tiny: a 746 x 64 embedding) while the embedding's own module holds it, and must leave it so (gathering and
+    re-partitioning it there stopped the first step)."""
+    llama = make_backbone("llama", "tiny", tmp_path / "llama")
+    run_dir = tmp_path / "run"
+    args = base_args(engine_inputs, run_dir, "train.zero_stage=3", "train.epochs=1", f"model.backbone={llama}",
+                     "model.loss.lambda_lm=0.5")
+    r = run_cli("train", args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert all(row["lm"] > 0 for row in history(run_dir))
