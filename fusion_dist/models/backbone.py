@@ -60,17 +60,18 @@ def choose_attn_implementation(requested: str = "auto", device: str | torch.devi
 # --------------------------------------------------------------------------- ZeRO-3 gathering
 
 
-def gathered(params: Iterable[nn.Parameter], modifier_rank: int | None = None):
+def gathered(params: Iterable[nn.Parameter], modifier_rank: int | None = None, in_forward: bool = False):
     """Context in which ZeRO-3 partitioned ``params`` are whole (a no-op when nothing is partitioned); with
-    ``modifier_rank``, what that rank writes into them is kept (broadcast and re-partitioned on exit)."""
+    ``modifier_rank``, what that rank writes into them is kept (broadcast and re-partitioned on exit). ``in_forward``
+    (a read inside the model's forward): a parameter already whole is read as it is, as it may be one a running
+    module holds (a head tied to the embedding), which the context's exit must not partition under it."""
     params = list(params)
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed  # only needed when the model is partitioned
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-        if modifier_rank is None:  # one already whole (persistent, or held by a running module) is read as it is:
-            # the context's exit would partition it under the module holding it
-            params = [p for p in params if getattr(p, "ds_status", None) != ZeroParamStatus.AVAILABLE]
+        if in_forward:
+            params = [p for p in params if p.ds_status != ZeroParamStatus.AVAILABLE]
         if params:
             return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
     return contextlib.nullcontext()

@@ -250,7 +250,7 @@ class FusionLM(nn.Module):
         head = self.adapter.lm_head
         if self.cfg.fused_ops and not any(p.requires_grad for p in head.parameters()):
             # real pairs only (a (B, T) slice would run as a batched matmul, padding included), in row chunks
-            with gathered(head.parameters()):
+            with gathered(head.parameters(), in_forward=True):
                 return LinearCrossEntropy.apply(text_states[:, :-1][pairs], head.weight, head.bias,
                                                 input_ids[:, 1:][pairs])
         logits = self.adapter.lm_head(text_states[:, :-1]).float()
